@@ -1,0 +1,1 @@
+"""SimCLR pretraining: augmentations, encoders, NT-Xent, LARS, the training loop and evaluation."""

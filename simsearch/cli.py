@@ -1,0 +1,51 @@
+"""The one console command, `simsearch`, dispatching to each stage's own `main(argv)`.
+
+Stages are imported only when their subcommand runs, so a serving-only install (no PyTorch)
+can run `serve`, `index` and `triton`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("pretrain.train", "SimCLR pretraining on an image folder (torchrun for many GPUs)"),
+    "eval": ("pretrain.evaluate", "kNN and linear-probe accuracy of a checkpoint's encoder"),
+    "export": ("export.cli", "checkpoint -> verified ONNX model directory + Triton repository"),
+    "index": ("index.cli", "build / query / stats / remove an image index"),
+    "serve": ("server.cli", "run the HTTP API and search page"),
+    "triton": ("server.triton_local", "serve a model directory with a local Triton server (CPU)"),
+    "demo": ("simsearch.demo", "pretrain, export, index and serve a folder in one go"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: simsearch COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`simsearch COMMAND --help` for each command's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from simsearch import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"simsearch: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

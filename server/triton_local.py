@@ -18,6 +18,7 @@ Library use (tests, the demo):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
@@ -258,10 +259,9 @@ class LocalTriton:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
-        try:
+        # The unreaped server keeps its group id reserved, so this cannot hit a stranger.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)  # leftover backend stubs, if any
-        except (ProcessLookupError, PermissionError):
-            pass
         process.wait()
 
     def close(self) -> None:

@@ -1,0 +1,223 @@
+"""TritonBackend: embeddings from a Triton Inference Server over `tritonclient` (gRPC or HTTP).
+
+At start-up the served model's metadata and config are checked against the ModelSpec (input and
+output names, UINT8 in / FP32 out, dims) and any mismatch raises BackendError naming what was
+expected and what was found. Without a spec, the spec is read from the served config's
+`simsearch_model_json` parameter (written by `export`), so a Triton URL is all a client needs.
+Batches larger than `max_batch_size` (capped by the served model's own) are split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from embed.backends import BackendError
+from embed.spec import ModelDirError, ModelSpec
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("grpc", "http")
+SPEC_PARAMETER = "simsearch_model_json"
+INPUT_DATATYPE = "UINT8"
+OUTPUT_DATATYPE = "FP32"
+READY_TIMEOUT_S = 2.0
+_INT32_MAX = 2**31 - 1
+
+
+def _split_url(url: str) -> tuple[str, bool]:
+    """'host:port' as tritonclient wants it, and whether TLS was asked for (https://)."""
+    for scheme in ("http://", "https://", "grpc://", "grpcs://"):
+        if url.startswith(scheme):
+            return url[len(scheme) :].rstrip("/"), scheme in ("https://", "grpcs://")
+    return url.rstrip("/"), False
+
+
+def _make_client(protocol: str, address: str, ssl: bool, timeout_s: float) -> Any:
+    if protocol == "grpc":
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(
+            address, ssl=ssl,
+            channel_args=[
+                ("grpc.max_send_message_length", _INT32_MAX),
+                ("grpc.max_receive_message_length", _INT32_MAX),
+                # Reconnect quickly once a restarted server is back (the default backoff grows to 120 s).
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
+    import tritonclient.http as httpclient
+
+    return httpclient.InferenceServerClient(
+        address, ssl=ssl, connection_timeout=timeout_s, network_timeout=timeout_s
+    )
+
+
+class TritonBackend:
+    """The Backend protocol over a Triton server; thread-safe."""
+
+    def __init__(
+        self, url: str, *, protocol: str = "grpc", model_name: str | None = None, spec: ModelSpec | None = None,
+        timeout_s: float = 30.0, max_batch_size: int = 64,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
+        self._address, ssl = _split_url(url)
+        self._is_grpc = protocol == "grpc"
+        self._client = _make_client(protocol, self._address, ssl, timeout_s)
+        # The HTTP client is one connection and not thread-safe; readiness gets its own short-timeout one.
+        self._lock = threading.Lock() if not self._is_grpc else None
+        self._ready_client = (
+            _make_client(protocol, self._address, ssl, READY_TIMEOUT_S) if not self._is_grpc else self._client
+        )
+        self._ready_lock = threading.Lock()
+        try:
+            if not self._call(self._client.is_server_live):
+                raise BackendError(f"Triton at {url} ({protocol}) answers but is not live")
+            self.model_name = model_name or (spec.name if spec is not None else self._only_model())
+            if not self._call(self._client.is_model_ready, self.model_name):
+                raise BackendError(
+                    f"model {self.model_name!r} is not ready on Triton at {url}; ready models: {self._models()}"
+                )
+            metadata = self._call(self._client.get_model_metadata, self.model_name)
+            config = self._call(self._client.get_model_config, self.model_name)
+            config = config.get("config", config)  # gRPC JSON wraps the config; HTTP does not
+            self.spec = spec if spec is not None else self._spec_from_config(config)
+            self._check(metadata)
+        except BaseException:
+            self.close()
+            raise
+        served_max = int(config.get("max_batch_size", 0))
+        self.max_batch_size = min(max_batch_size, served_max) if served_max > 0 else max_batch_size
+        log.info("Triton backend: model %r at %s over %s, max batch %d",
+                 self.model_name, url, protocol, self.max_batch_size)
+
+    def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """One client call; transport and server errors become BackendError."""
+        from tritonclient.utils import InferenceServerException
+
+        if self._is_grpc:
+            kwargs["client_timeout"] = self.timeout_s
+            if method.__name__ in ("get_model_metadata", "get_model_config", "get_model_repository_index"):
+                kwargs["as_json"] = True
+        try:
+            if self._lock is None:
+                return method(*args, **kwargs)
+            with self._lock:
+                return method(*args, **kwargs)
+        except InferenceServerException as e:
+            raise BackendError(f"Triton at {self.url} ({self.protocol}): {e.message() or e}") from None
+        except Exception as e:  # transport errors (refused, reset, timed out) of either client
+            raise BackendError(
+                f"Triton at {self.url} ({self.protocol}) is not reachable: {type(e).__name__}: {e}"
+            ) from None
+
+    def _models(self) -> list[str]:
+        index = self._call(self._client.get_model_repository_index)
+        models = index.get("models", []) if isinstance(index, dict) else index
+        return sorted({m["name"] for m in models if m.get("state", "READY") == "READY"})
+
+    def _only_model(self) -> str:
+        models = self._models()
+        if len(models) != 1:
+            raise BackendError(
+                f"Triton at {self.url} serves {len(models)} ready models {models}; choose one with model_name"
+            )
+        return models[0]
+
+    def _spec_from_config(self, config: dict[str, Any]) -> ModelSpec:
+        text = config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value")
+        if not text:
+            raise BackendError(
+                f"served model {self.model_name!r} has no {SPEC_PARAMETER!r} parameter in its config; "
+                "pass the ModelSpec (spec=, or the model directory's model.json)"
+            )
+        try:
+            return ModelSpec.from_dict(json.loads(text))
+        except (json.JSONDecodeError, ModelDirError, TypeError) as e:
+            raise BackendError(f"served model {self.model_name!r}: bad {SPEC_PARAMETER} parameter: {e}") from None
+
+    def _check(self, metadata: dict[str, Any]) -> None:
+        """Compare the served inputs/outputs with the spec; one BackendError listing every mismatch."""
+        s = self.spec
+        expected = {
+            "input": (s.input_name, INPUT_DATATYPE, [-1, s.input_height, s.input_width, 3]),
+            "output": (s.output_name, OUTPUT_DATATYPE, [-1, s.embedding_dim]),
+        }
+        problems = []
+        for kind, (name, datatype, shape) in expected.items():
+            served = metadata.get(f"{kind}s", [])
+            names = [t["name"] for t in served]
+            if len(served) != 1 or names[0] != name:
+                problems.append(f"{kind}s: expected exactly [{name!r}], found {names}")
+                continue
+            found_type, found_shape = served[0]["datatype"], [int(d) for d in served[0]["shape"]]
+            if found_type != datatype:
+                problems.append(f"{kind} {name!r} datatype: expected {datatype}, found {found_type}")
+            if found_shape != shape:
+                problems.append(f"{kind} {name!r} shape: expected {shape}, found {found_shape}")
+        if problems:
+            raise BackendError(
+                f"served model {self.model_name!r} at {self.url} does not match the model spec "
+                f"{s.name!r} v{s.version}: " + "; ".join(problems)
+            )
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> float32 [N, D], in requests of at most max_batch_size images."""
+        s = self.spec
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (s.input_height, s.input_width, 3):
+            raise ValueError(
+                f"expected uint8 [N, {s.input_height}, {s.input_width}, 3], got {batch.dtype} {list(batch.shape)}"
+            )
+        if len(batch) == 0:
+            return np.zeros((0, s.embedding_dim), dtype=np.float32)
+        parts = [self._infer(batch[i : i + self.max_batch_size]) for i in range(0, len(batch), self.max_batch_size)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def _infer(self, chunk: np.ndarray) -> np.ndarray:
+        if self._is_grpc:
+            import tritonclient.grpc as client
+        else:
+            import tritonclient.http as client  # type: ignore[no-redef]
+        chunk = np.ascontiguousarray(chunk)
+        tensor = client.InferInput(self.spec.input_name, list(chunk.shape), INPUT_DATATYPE)
+        tensor.set_data_from_numpy(chunk)
+        output = client.InferRequestedOutput(self.spec.output_name)
+        result = self._call(self._client.infer, self.model_name, [tensor], outputs=[output])
+        out = result.as_numpy(self.spec.output_name)
+        if out is None or out.shape != (len(chunk), self.spec.embedding_dim):
+            found = None if out is None else list(out.shape)
+            raise BackendError(f"Triton returned {found} for a batch of {len(chunk)}; "
+                               f"expected [{len(chunk)}, {self.spec.embedding_dim}]")
+        return out.astype(np.float32, copy=False)
+
+    def ready(self) -> bool:
+        """Server live and model ready, asked now with a short timeout; never raises."""
+        try:
+            with self._ready_lock:
+                if self._is_grpc:
+                    return bool(
+                        self._client.is_server_live(client_timeout=READY_TIMEOUT_S)
+                        and self._client.is_model_ready(self.model_name, client_timeout=READY_TIMEOUT_S)
+                    )
+                return bool(self._ready_client.is_server_live() and self._ready_client.is_model_ready(self.model_name))
+        except Exception:  # any failure to answer means "not ready"
+            return False
+
+    def close(self) -> None:
+        for client in {id(c): c for c in (self._client, self._ready_client)}.values():
+            try:
+                client.close()
+            except Exception as e:  # closing a dead connection is not worth failing for
+                log.debug("closing the Triton client: %s", e)
+
+    def __repr__(self) -> str:
+        return f"TritonBackend({self.url!r}, protocol={self.protocol!r}, model_name={getattr(self, 'model_name', None)!r})"

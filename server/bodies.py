@@ -1,0 +1,148 @@
+"""Request bodies that come either as multipart uploads or as JSON with base64 images.
+
+FastAPI declares one body type per route, so these routes read the body themselves and describe
+both content types in the OpenAPI schema (`request_body`); the JSON models are validated with
+pydantic and fail in the same 422 shape as every other validation error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from server.errors import ApiError, ErrorItem
+from server.schemas import ImageB64
+
+M = TypeVar("M", bound=BaseModel)
+
+MULTIPART = "multipart/form-data"
+JSON = "application/json"
+
+
+@dataclass
+class Upload:
+    """One image of a request: its bytes, or why they could not be read (bad base64)."""
+
+    index: int
+    filename: str | None
+    data: bytes | None
+    error: ErrorItem | None = None
+
+
+@dataclass
+class MultipartBody:
+    uploads: list[Upload]
+    fields: dict[str, str]
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def unsupported(request: Request) -> ApiError:
+    return ApiError(
+        415,
+        "unsupported_media_type",
+        f"send {MULTIPART} or {JSON}, not {content_type(request) or 'no content type'!r}",
+    )
+
+
+def too_many(n: int, limit: int) -> ApiError:
+    return ApiError(413, "too_many_images", f"{n} images in one request; the limit is {limit}")
+
+
+async def read_multipart(request: Request, *, file_fields: tuple[str, ...], max_files: int) -> MultipartBody:
+    """Every part named in `file_fields` is an image (a file part, or a plain field's text)."""
+    try:
+        form = await request.form(max_files=max_files + 1, max_fields=64)
+    except HTTPException as e:
+        if e.status_code == 400 and "Too many files" in str(e.detail):
+            raise too_many(max_files + 1, max_files) from None
+        raise
+    try:
+        uploads: list[Upload] = []
+        fields: dict[str, str] = {}
+        for name, value in form.multi_items():
+            if name in file_fields:
+                if isinstance(value, UploadFile):
+                    uploads.append(Upload(len(uploads), value.filename, await value.read()))
+                else:
+                    uploads.append(Upload(len(uploads), None, value.encode()))
+            elif isinstance(value, str):
+                fields[name] = value
+    finally:
+        await form.close()
+    if len(uploads) > max_files:
+        raise too_many(len(uploads), max_files)
+    return MultipartBody(uploads, fields)
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestValidationError(_body_loc(e.errors(include_url=False))) from None
+
+
+def _body_loc(errors: list[Any]) -> list[Any]:
+    return [{**err, "loc": ("body", *err.get("loc", ()))} for err in errors]
+
+
+def parse_metadata(text: str | None) -> dict[str, Any]:
+    """The `metadata` form field: a JSON object, or nothing."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(422, "invalid_metadata", f"metadata is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_metadata", f"metadata must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def decode_b64(images: list[ImageB64], max_files: int) -> list[Upload]:
+    if len(images) > max_files:
+        raise too_many(len(images), max_files)
+    uploads = []
+    for i, img in enumerate(images):
+        try:
+            uploads.append(Upload(i, img.filename, base64.b64decode(img.data, validate=True)))
+        except (binascii.Error, ValueError) as e:
+            err = ErrorItem(reason="invalid_base64", message=f"not valid base64: {e}", index=i, filename=img.filename)
+            uploads.append(Upload(i, img.filename, None, err))
+    return uploads
+
+
+def request_body(
+    multipart_properties: dict[str, Any], required: list[str], json_model: type[BaseModel]
+) -> dict[str, Any]:
+    """`openapi_extra` for a route that takes multipart or JSON (see `openapi.register`)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                MULTIPART: {
+                    "schema": {
+                        "type": "object",
+                        "properties": multipart_properties,
+                        "required": required,
+                    }
+                },
+                JSON: {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
+            },
+        }
+    }
+
+
+BINARY = {"type": "string", "format": "binary"}

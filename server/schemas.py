@@ -1,0 +1,119 @@
+"""Request and response bodies of the HTTP API (the OpenAPI schema is generated from these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.errors import ErrorItem
+
+
+class ImageB64(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="the image file's bytes, base64-encoded (standard alphabet)")
+    filename: str | None = Field(None, max_length=255)
+
+
+class EmbedJSON(BaseModel):
+    """JSON alternative to the multipart upload of /v1/embed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[ImageB64] = Field(min_length=1)
+
+
+class EmbedResult(BaseModel):
+    index: int = Field(description="position of the image in the request")
+    filename: str | None = None
+    embedding: list[float] | None = Field(None, description="l2-normalised vector; null when error is set")
+    width: int | None = Field(None, description="original width in pixels (upright)")
+    height: int | None = None
+    error: ErrorItem | None = None
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    model_version: int
+    dim: int
+    results: list[EmbedResult]
+
+
+class SearchJSON(BaseModel):
+    """JSON alternative to the multipart upload of /v1/search: exactly one of image, vector, id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageB64 | None = None
+    vector: list[float] | None = Field(None, description="a query vector of the index's dimension")
+    id: int | None = Field(None, description="search with the vector of this indexed item")
+    k: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_query(self) -> SearchJSON:
+        given = [n for n in ("image", "vector", "id") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of image, vector, id (got {given or 'none'})")
+        return self
+
+
+class Item(BaseModel):
+    id: int
+    path: str
+    width: int
+    height: int
+    size: int = Field(description="file size in bytes")
+    sha256: str
+    mtime: float
+    added_at: float
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    thumbnail_url: str
+
+
+class Neighbour(BaseModel):
+    id: int
+    score: float = Field(description="inner product of l2-normalised vectors (cosine similarity)")
+    path: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    thumbnail_url: str
+
+
+class SearchResponse(BaseModel):
+    k: int
+    query: str = Field(description="what was searched with: image, vector or id")
+    neighbours: list[Neighbour]
+
+
+class ItemJSON(BaseModel):
+    """JSON alternative to the multipart upload of POST /v1/items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageB64
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ItemCreated(BaseModel):
+    item: Item
+    duplicate_of: list[int] = Field(
+        default_factory=list, description="ids of items already indexed with the same bytes"
+    )
+
+
+class Deleted(BaseModel):
+    id: int
+    deleted: bool
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, bool]
+    detail: dict[str, str] = Field(default_factory=dict)
+    model: str | None = None
+    backend: str
+    items: int | None = None

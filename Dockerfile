@@ -20,7 +20,6 @@ RUN pip install '.[serve,cpu]' \
     && mkdir -p /index && chown simsearch /index
 
 USER simsearch
-WORKDIR /app
 ENV SIMSEARCH_HOST=0.0.0.0 \
     SIMSEARCH_PORT=8080
 EXPOSE 8080

@@ -159,6 +159,17 @@ def decode_image(
     JPEGs are then decoded at the coarsest libjpeg scale that still covers it.
     Raises `DecodeError` with `.reason` in `REASONS`; never anything else for a bad file.
     """
+    return decode_with_size(source, max_pixels=max_pixels, draft_size=draft_size, background=background)[0]
+
+
+def decode_with_size(
+    source: Source,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_image`, plus the upright (width, height) of the full-size image (before any draft)."""
     _register_heif()
     img = _open(source)
     w, h = img.size
@@ -167,6 +178,7 @@ def decode_image(
     if w * h > max_pixels:
         raise DecodeError("too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
     orientation = _orientation(img)
+    original = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     if draft_size is not None:
         _apply_draft(img, draft_size, orientation)
     try:
@@ -186,6 +198,6 @@ def decode_image(
         except Exception as e:  # broken EXIF: keep the stored orientation rather than fail
             logger.warning("ignoring unreadable EXIF orientation: %s", e)
     try:
-        return to_rgb(img, background)
+        return to_rgb(img, background), original
     except (OSError, ValueError) as e:
         raise DecodeError("unreadable", f"cannot convert mode {img.mode} to RGB: {e}") from None

@@ -1,0 +1,59 @@
+"""A tiny model directory built straight with onnx.helper (no PyTorch export): for embed/index tests.
+
+uint8 [N, 32, 32, 3] -> /255, mean/std -> NCHW -> conv 4x4 stride 4 (seeded weights) -> ReLU ->
+flatten -> matmul -> l2 -> float32 [N, 32]. It keeps spatial detail, so different images get
+different vectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from embed.spec import MODEL_ONNX, ModelSpec
+
+
+def write_tiny_model_dir(directory: Path, *, size: int = 32, dim: int = 32, seed: int = 0,
+                         name: str = "tiny", version: int = 1) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    channels, stride = 8, 4
+    cells = (size // stride) ** 2 * channels
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 1, 1, 3)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 1, 1, 3)
+    inits = [
+        numpy_helper.from_array(np.float32(255.0).reshape(()), "k255"),
+        numpy_helper.from_array(mean, "mean"),
+        numpy_helper.from_array(std, "std"),
+        numpy_helper.from_array(rng.standard_normal((channels, 3, stride, stride)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([-1, cells], np.int64), "flat"),
+        numpy_helper.from_array(rng.standard_normal((cells, dim)).astype(np.float32) / np.sqrt(cells), "proj"),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["f", "k255"], ["f1"]),
+        helper.make_node("Sub", ["f1", "mean"], ["f2"]),
+        helper.make_node("Div", ["f2", "std"], ["f3"]),
+        helper.make_node("Transpose", ["f3"], ["x"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x", "w"], ["c"], strides=[stride, stride], kernel_shape=[stride, stride]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Reshape", ["r", "flat"], ["v"]),
+        helper.make_node("MatMul", ["v", "proj"], ["e"]),
+        helper.make_node("LpNormalization", ["e"], ["embeddings"], p=2, axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", size, size, 3])],
+        [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, ["N", dim])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(directory / MODEL_ONNX))
+    ModelSpec(name=name, version=version, input_height=size, input_width=size, embedding_dim=dim).save(directory)
+    return directory

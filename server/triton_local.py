@@ -117,11 +117,12 @@ def write_local_repository(
     config.backend = "python"
     config.default_model_filename = ""
     config.ClearField("optimization")  # the TensorRT accelerator is for the GPU image
+    config.ClearField("model_warmup")  # warm-up builds TensorRT engines; on the CPU it only delays start-up
     del config.instance_group[:]
     config.instance_group.add(count=instance_count, kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
     config.parameters["onnx_model_path"].string_value = str(onnx_file)
     config.parameters["intra_op_threads"].string_value = str(intra_op_threads)
-    version_dir = repo_dir / config.name / "1"
+    version_dir = repo_dir / config.name / str(spec.version)
     version_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(MODEL_PY, version_dir / "model.py")
     (repo_dir / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from embed.backends import BackendError
+from embed.backends.base import check_batch
 from embed.spec import ModelDirError, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -173,10 +174,7 @@ class TritonBackend:
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 [N, D], in requests of at most max_batch_size images."""
         s = self.spec
-        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (s.input_height, s.input_width, 3):
-            raise ValueError(
-                f"expected uint8 [N, {s.input_height}, {s.input_width}, 3], got {batch.dtype} {list(batch.shape)}"
-            )
+        batch = check_batch(batch, s)
         if len(batch) == 0:
             return np.zeros((0, s.embedding_dim), dtype=np.float32)
         parts = [self._infer(batch[i : i + self.max_batch_size]) for i in range(0, len(batch), self.max_batch_size)]
@@ -187,7 +185,6 @@ class TritonBackend:
             import tritonclient.grpc as client
         else:
             import tritonclient.http as client  # type: ignore[no-redef]
-        chunk = np.ascontiguousarray(chunk)
         tensor = client.InferInput(self.spec.input_name, list(chunk.shape), INPUT_DATATYPE)
         tensor.set_data_from_numpy(chunk)
         output = client.InferRequestedOutput(self.spec.output_name)

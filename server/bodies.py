@@ -24,6 +24,7 @@ from server.schemas import ImageB64
 
 M = TypeVar("M", bound=BaseModel)
 
+MAX_METADATA_BYTES = 64 * 1024
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
 
@@ -103,11 +104,26 @@ def parse_metadata(text: str | None) -> dict[str, Any]:
     if text is None or not text.strip():
         return {}
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as e:
         raise ApiError(422, "invalid_metadata", f"metadata is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_metadata", f"metadata must be a JSON object, not {type(value).__name__}")
+    return check_metadata(value)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON (no NaN/Infinity) and at most MAX_METADATA_BYTES once encoded."""
+    try:
+        size = len(json.dumps(value, allow_nan=False))
+    except ValueError as e:
+        raise ApiError(422, "invalid_metadata", f"metadata must be strict JSON: {e}") from None
+    if size > MAX_METADATA_BYTES:
+        raise ApiError(422, "invalid_metadata", f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}")
     return value
 
 

@@ -1,0 +1,100 @@
+"""`create_app(settings)`: the FastAPI application, its resources opened in `lifespan`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
+
+from embed.backends.base import Backend
+from server.body_limit import BodySizeLimitMiddleware
+from server.errors import install_error_handlers
+from server.metrics import Metrics, MetricsMiddleware
+from server.routes import embed, health, items, page, search
+from server.schemas import EmbedJSON, ItemJSON, SearchJSON
+from server.settings import Settings
+from server.state import close_resources, open_resources
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Embed images with this deployment's own encoder and search the image index.
+
+Images go up as multipart file parts or, for clients that cannot send multipart, as base64 in a
+JSON body. Every error answer has the shape `{"detail", "reason", "errors"}`.
+Writes (`POST/DELETE /v1/items`) need the API key when the server has one.
+"""
+
+# request bodies read by the routes themselves (multipart or JSON): added to the schema's components
+JSON_BODY_MODELS: tuple[type[BaseModel], ...] = (EmbedJSON, SearchJSON, ItemJSON)
+
+
+def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI:
+    """The app for `settings`. Pass `backend` to serve an already-open backend (not closed on exit)."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        res = await run_in_threadpool(open_resources, settings, metrics, backend)
+        res.batcher.start()
+        res.committer.start()
+        app.state.resources = res
+        log.info(
+            "serving model %s v%d (%s) with %d indexed items from %s",
+            res.spec.name, res.spec.version, settings.backend_name, len(res.index), settings.index_dir,
+        )
+        try:
+            yield
+        finally:
+            app.state.resources = None
+            await res.batcher.stop()
+            await res.committer.stop()
+            await run_in_threadpool(close_resources, res)
+            log.info("stopped; index committed")
+
+    app = FastAPI(
+        title="simsearch",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.resources = None
+    install_error_handlers(app)
+    for module in (embed, search, items, health, page):
+        app.include_router(module.router)
+    page.mount_static(app)
+
+    # added innermost first: metrics sees everything, including 413s from the body limit
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _install_openapi(app)
+    return app
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            _, defs = models_json_schema(
+                [(m, "validation") for m in JSON_BODY_MODELS], ref_template="#/components/schemas/{model}"
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

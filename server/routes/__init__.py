@@ -1,0 +1,1 @@
+"""One router per concern: embed, search, items, health (+ metrics), page."""

@@ -1,0 +1,140 @@
+"""The long-lived objects one app holds, opened in `lifespan` and handed to routes by `get_resources`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+
+from embed.backends import open_backend
+from embed.backends.base import Backend
+from embed.embedder import Embedder
+from embed.spec import ModelSpec
+from index.store import ImageIndex
+from server.batcher import MicroBatcher
+from server.committer import Committer
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.pipeline import EmbedPipeline
+from server.settings import Settings
+from server.thumbnails import ThumbnailCache
+from server.upload_store import UploadStore
+
+log = logging.getLogger(__name__)
+
+UPLOADS_DIR = "uploads"
+
+
+class IndexModelMismatch(RuntimeError):
+    """The index was built with a different model than the one being served."""
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    metrics: Metrics
+    backend: Backend
+    embedder: Embedder
+    index: ImageIndex
+    batcher: MicroBatcher
+    pipeline: EmbedPipeline
+    committer: Committer
+    thumbnails: ThumbnailCache
+    uploads: UploadStore
+    owns_backend: bool = True
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.embedder.spec
+
+
+def open_backend_from(settings: Settings) -> Backend:
+    if settings.model_dir is not None:
+        return open_backend(
+            model_dir=str(settings.model_dir),
+            intra_op_threads=settings.ort_intra_op_threads,
+            max_batch_size=settings.batch_size,
+        )
+    return open_backend(
+        triton_url=settings.triton_url,
+        protocol=settings.triton_protocol,
+        model_name=settings.triton_model_name,
+        max_batch_size=settings.batch_size,
+    )
+
+
+def open_index(settings: Settings, spec: ModelSpec) -> ImageIndex:
+    index = ImageIndex.open_or_create(
+        settings.index_dir, spec.embedding_dim, model_name=spec.name, model_version=spec.version
+    )
+    stats = index.stats()
+    dim = stats.get("dim", spec.embedding_dim)
+    name = stats.get("model_name") or spec.name
+    if dim != spec.embedding_dim or name != spec.name:
+        index.close()
+        raise IndexModelMismatch(
+            f"{settings.index_dir} holds {dim}-d vectors of model {name!r}, but the server runs "
+            f"{spec.name!r} ({spec.embedding_dim}-d): use an index built with this model"
+        )
+    return index
+
+
+def open_resources(settings: Settings, metrics: Metrics, backend: Backend | None = None) -> Resources:
+    """Blocking: loads the model and opens the index (call from a worker thread)."""
+    owns_backend = backend is None
+    backend = backend if backend is not None else open_backend_from(settings)
+    try:
+        embedder = Embedder(
+            backend,
+            batch_size=settings.batch_size,
+            decode_workers=settings.decode_workers,
+            max_pixels=settings.max_pixels,
+        )
+        index = open_index(settings, embedder.spec)
+    except BaseException:
+        if owns_backend:
+            backend.close()
+        raise
+    batcher = MicroBatcher(
+        embedder.embed_arrays,
+        max_batch_size=settings.batch_size,
+        max_wait_s=settings.batch_wait_ms / 1000.0,
+        queue_max=settings.queue_max,
+        on_batch=metrics.observe_batch,
+    )
+    pipeline = EmbedPipeline(
+        embedder.spec, batcher, metrics, max_pixels=settings.max_pixels, decode_workers=settings.decode_workers
+    )
+    metrics.bind(queue_depth=lambda: batcher.depth, index_items=lambda: len(index))
+    return Resources(
+        settings=settings,
+        metrics=metrics,
+        backend=backend,
+        embedder=embedder,
+        index=index,
+        batcher=batcher,
+        pipeline=pipeline,
+        committer=Committer(index.commit, interval_s=settings.commit_interval_ms / 1000.0),
+        thumbnails=ThumbnailCache(size=settings.thumbnail_size, max_pixels=settings.max_pixels),
+        uploads=UploadStore(Path(settings.index_dir) / UPLOADS_DIR),
+        owns_backend=owns_backend,
+    )
+
+
+def close_resources(res: Resources) -> None:
+    """Blocking; after the batcher and committer have stopped."""
+    res.pipeline.close()
+    res.index.close()
+    if res.owns_backend:
+        res.backend.close()
+
+
+def get_resources(request: Request) -> Resources:
+    res: Resources | None = getattr(request.app.state, "resources", None)
+    if res is None:
+        raise ApiError(503, "not_ready", "the server is starting or stopping", headers={"Retry-After": "1"})
+    return res

@@ -274,6 +274,17 @@ class ImageIndex:
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), self.dim)
         return ids, vecs
 
+    def set_info(self, **values: Any) -> None:
+        """Free-form facts about the index (e.g. which model built it), saved with the next commit."""
+        with self._rw.write(), self._db:
+            self._begin()
+            write_meta(self._conn, {f"info.{k}": v for k, v in values.items()})
+            self.meta.update({f"info.{k}": v for k, v in values.items()})
+
+    def info(self) -> dict[str, Any]:
+        with self._rw.read():
+            return {k[5:]: v for k, v in self.meta.items() if k.startswith("info.")}
+
     def close(self) -> None:
         """Commit what is pending and release the files."""
         if self._closed:
@@ -364,4 +375,5 @@ class ImageIndex:
                 "model_name": self.meta["model_name"], "model_version": int(self.meta["model_version"]),
                 "root": self.meta["root"], "created_at": float(self.meta["created_at"]),
                 "uncommitted": self._in_tx, "bytes_on_disk": sum(p.stat().st_size for p in files),
+                "info": {k[5:]: v for k, v in self.meta.items() if k.startswith("info.")},
             }

@@ -1,0 +1,206 @@
+"""Index a folder incrementally and resumably.
+
+One run:
+
+1. scan the folder (recursive) and compare with the index: a file whose path, size and mtime are
+   all unchanged is skipped without being read;
+2. read and sha256 the others (threads): same content as before (only touched) -> the record's
+   mtime is updated; the content of a file that has disappeared from its old path -> the record
+   moves to the new path; the content of a file already indexed elsewhere or seen earlier in this
+   run -> reported as a duplicate, not embedded; otherwise it is decoded and embedded
+   (`embed.Embedder`, decoding overlapped with inference);
+3. commit every `commit_every` embedded files (and at least every `commit_interval_s` seconds), so
+   a killed run loses at most that much work and a rerun continues from there;
+4. drop the records of files that are gone; commit; return the JSON summary.
+
+Nothing that is committed is embedded again by a rerun, since its path, size and mtime match.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from embed.backends.base import Backend
+from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
+from embed.embedder import Embedder, default_decode_workers
+from embed.spec import ModelSpec
+from index.records import ItemRecord
+from index.scan import IMAGE_EXTENSIONS, FileJob, read_and_hash, scan_folder
+from index.schema import IndexDirError
+from index.store import ImageIndex
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildConfig:
+    folder: str
+    out: str
+    batch_size: int = 64
+    decode_workers: int = field(default_factory=default_decode_workers)
+    commit_every: int = 512
+    commit_interval_s: float = 30.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    index_mode: str = "auto"
+    progress: bool = True
+
+
+def check_model(index: ImageIndex, spec: ModelSpec) -> None:
+    """Refuse to mix vectors of two models in one index."""
+    st = index.stats()
+    built = (st["model_name"], st["model_version"], st["dim"])
+    given = (spec.name, spec.version, spec.embedding_dim)
+    if built != given:
+        raise IndexDirError(
+            f"{index.directory} was built with model {built[0]!r} v{built[1]} (dim {built[2]}), not "
+            f"{given[0]!r} v{given[1]} (dim {given[2]}); use that model, or a new --out directory"
+        )
+
+
+def open_index_for(cfg: BuildConfig, spec: ModelSpec, model_source: dict[str, Any]) -> ImageIndex:
+    root = str(Path(cfg.folder).resolve())
+    index = ImageIndex.open_or_create(
+        cfg.out, spec.embedding_dim, model_name=spec.name, model_version=spec.version, root=root,
+        index_mode=cfg.index_mode,
+    )
+    try:
+        check_model(index, spec)
+        if index.stats()["root"] != root:
+            raise IndexDirError(f"{cfg.out} indexes the folder {index.stats()['root']}, not {root}")
+    except IndexDirError:
+        index.close()
+        raise
+    if index.info().get("model_source") != model_source:
+        index.set_info(model_source=model_source)
+    return index
+
+
+@dataclass
+class _Run:
+    """Counters and the work not yet committed."""
+
+    summary: dict[str, Any]
+    vectors: list[np.ndarray] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    replaced: list[int] = field(default_factory=list)
+    last_commit: float = field(default_factory=time.monotonic)
+
+
+def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bring the index at `cfg.out` up to date with `cfg.folder`; returns the summary (also logged)."""
+    start = time.monotonic()
+    spec = backend.spec
+    root = Path(cfg.folder)
+    on_disk = scan_folder(root, cfg.extensions)
+    index = open_index_for(cfg, spec, model_source or {})
+    try:
+        indexed = {r.path: r for r in index.records()}
+        gone = {p: r for p, r in indexed.items() if p not in on_disk}
+        gone_by_sha = {r.sha256: r for r in gone.values()}
+        todo = [FileJob(p, s.size, s.mtime) for p, s in on_disk.items()
+                if p not in indexed or (indexed[p].size, indexed[p].mtime) != (s.size, s.mtime)]
+        summary: dict[str, Any] = {
+            "folder": str(root.resolve()), "index": str(Path(cfg.out).resolve()),
+            "model": {"name": spec.name, "version": spec.version, "dim": spec.embedding_dim},
+            "scanned": len(on_disk), "unchanged": len(on_disk) - len(todo), "added": 0, "updated": 0,
+            "touched": 0, "moved": 0, "removed": 0, "embedded": 0,
+            "skipped_duplicates": [], "failed": [],
+        }
+        run = _Run(summary)
+        seen: dict[str, str] = {}
+        embedder = Embedder(backend, batch_size=cfg.batch_size, decode_workers=cfg.decode_workers,
+                            max_pixels=cfg.max_pixels)
+
+        def to_embed():
+            for job in read_and_hash(root, todo, workers=2, window=2 * cfg.batch_size):
+                if job.error is not None:
+                    summary["failed"].append({"path": job.path, "reason": "unreadable", "message": str(job.error)})
+                    bar.update()
+                    continue
+                old = indexed.get(job.path)
+                if old is not None and old.sha256 == job.sha256:
+                    index.update(old.id, size=job.size, mtime=job.mtime)
+                    summary["touched"] += 1
+                elif job.sha256 in gone_by_sha and old is None:
+                    moved = gone_by_sha.pop(job.sha256)
+                    gone.pop(moved.path, None)
+                    index.update(moved.id, path=job.path, size=job.size, mtime=job.mtime)
+                    summary["moved"] += 1
+                elif (dup := seen.get(job.sha256)) or (dup := _indexed_copy(index, job, old)):
+                    summary["skipped_duplicates"].append({"path": job.path, "duplicate_of": dup})
+                    if old is not None:  # this path now holds a copy of another file: drop its old vector
+                        summary["removed"] += index.remove([old.id])
+                else:
+                    seen[job.sha256] = job.path
+                    yield job
+                    continue
+                bar.update()
+
+        with tqdm(total=len(todo), unit="img", desc="indexing", disable=not cfg.progress, smoothing=0.1) as bar:
+            for job, result, size in embedder.iter_embed(to_embed(), load=lambda j: j.data):
+                job.data = None
+                bar.update()
+                if isinstance(result, DecodeError):
+                    summary["failed"].append({"path": job.path, "reason": result.reason, "message": result.message})
+                    continue
+                _stage(run, job, result, size, indexed.get(job.path))
+                if len(run.records) >= cfg.commit_every or time.monotonic() - run.last_commit > cfg.commit_interval_s:
+                    _flush(index, run)
+            _flush(index, run)
+        if gone:
+            summary["removed"] += index.remove(r.id for r in gone.values())
+        index.commit()
+        elapsed = time.monotonic() - start
+        summary.update(count=len(index), elapsed_s=round(elapsed, 3),
+                       images_per_s=round(summary["embedded"] / elapsed, 2) if elapsed > 0 else 0.0)
+        return summary
+    finally:
+        index.close()
+
+
+def _indexed_copy(index: ImageIndex, job: FileJob, old: ItemRecord | None) -> str | None:
+    for rec in index.find_by_sha256(job.sha256):
+        if old is None or rec.id != old.id:
+            return rec.path
+    return None
+
+
+def _stage(run: _Run, job: FileJob, vector: np.ndarray, size: tuple[int, int] | None, old: ItemRecord | None) -> None:
+    width, height = size or (0, 0)
+    run.vectors.append(vector)
+    run.records.append({"path": job.path, "size": job.size, "mtime": job.mtime, "sha256": job.sha256,
+                        "width": width, "height": height})
+    if old is not None:
+        run.replaced.append(old.id)
+        run.summary["updated"] += 1
+    else:
+        run.summary["added"] += 1
+
+
+def _flush(index: ImageIndex, run: _Run) -> None:
+    """One commit: the replaced records out, the new ones in, atomically."""
+    if run.replaced:
+        index.remove(run.replaced)
+    if run.records:
+        index.add(np.stack(run.vectors), run.records)
+    index.commit()
+    run.summary["embedded"] += len(run.records)
+    run.vectors, run.records, run.replaced = [], [], []
+    run.last_commit = time.monotonic()
+    logger.debug("committed; %d embedded so far", run.summary["embedded"])
+
+
+def resolve_model_source(model_dir: str | None, triton_url: str | None, protocol: str,
+                         model_name: str | None) -> dict[str, Any]:
+    if model_dir is not None:
+        return {"model_dir": os.path.abspath(model_dir)}
+    return {"triton_url": triton_url, "protocol": protocol, "model_name": model_name}

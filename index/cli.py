@@ -1,0 +1,175 @@
+"""`simsearch index build|query|stats|remove`.
+
+    simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR
+    simsearch index build FOLDER --triton-url localhost:8001 [--protocol grpc|http] --out INDEX_DIR
+    simsearch index query IMAGE --index INDEX_DIR -k 10 [--json]
+    simsearch index stats --index INDEX_DIR
+    simsearch index remove --index INDEX_DIR ID... | --path PATH...
+
+`query` embeds with the model that built the index (remembered in the index) unless --model or
+--triton-url says otherwise; a different model (name, version, dimension) is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from embed.backends import BackendError, open_backend
+from embed.backends.base import Backend
+from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
+from embed.embedder import default_decode_workers
+from embed.preprocess import load_image_array
+from embed.spec import ModelDirError
+from index.builder import BuildConfig, build_index, check_model, resolve_model_source
+from index.schema import IndexDirError
+from index.store import ImageIndex
+from index.vector_index import INDEX_MODES
+
+logger = logging.getLogger(__name__)
+
+
+def _add_model_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--model", metavar="MODEL_DIR", help="model directory (ONNX Runtime in-process)")
+    g.add_argument("--triton-url", help="Triton server address, e.g. localhost:8001 (gRPC) or localhost:8000 (HTTP)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="protocol for --triton-url")
+    p.add_argument("--model-name", default=None, help="model name on the Triton server (default: the only one)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="simsearch index", description=__doc__.split("\n\n")[0], formatter_class=fmt)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="index a folder (incremental, resumable)", formatter_class=fmt)
+    b.add_argument("folder", help="folder of images (recursive)")
+    b.add_argument("--out", required=True, help="index directory (created if missing)")
+    _add_model_flags(b, required=True)
+    b.add_argument("--batch-size", type=int, default=64, help="images per inference call")
+    b.add_argument("--decode-workers", type=int, default=default_decode_workers(), help="decoding threads")
+    b.add_argument("--commit-every", type=int, default=512, help="commit after this many embedded files")
+    b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    b.add_argument("--index-type", choices=INDEX_MODES, default="auto",
+                   help="auto: exact (flat) up to 50,000 vectors, IVF above; set when the index is created")
+    b.add_argument("--summary", default=None, help="write the JSON summary to this file instead of stdout")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    q = sub.add_parser("query", help="nearest neighbours of an image", formatter_class=fmt)
+    q.add_argument("image", help="image file")
+    q.add_argument("--index", required=True, help="index directory")
+    q.add_argument("-k", type=int, default=10, help="number of neighbours")
+    q.add_argument("--nprobe", type=int, default=None, help="IVF lists to scan (default: the index's own)")
+    q.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _add_model_flags(q, required=False)
+
+    s = sub.add_parser("stats", help="size, type and model of an index", formatter_class=fmt)
+    s.add_argument("--index", required=True, help="index directory")
+
+    r = sub.add_parser("remove", help="remove items by id or path", formatter_class=fmt)
+    r.add_argument("ids", nargs="*", type=int, help="item ids")
+    r.add_argument("--path", action="append", default=[], help="item path (relative to the indexed folder, or absolute)")
+    r.add_argument("--index", required=True, help="index directory")
+    return parser
+
+
+def _open_backend(args: argparse.Namespace, index: ImageIndex | None = None) -> tuple[Backend, dict[str, Any]]:
+    if args.model is None and args.triton_url is None:
+        source = index.info().get("model_source") if index is not None else None
+        if not source:
+            raise BackendError("the index does not say which model built it: pass --model or --triton-url")
+        args.model, args.triton_url = source.get("model_dir"), source.get("triton_url")
+        args.protocol, args.model_name = source.get("protocol", "grpc"), source.get("model_name")
+    if args.model is not None:
+        return open_backend(model_dir=args.model), resolve_model_source(args.model, None, "grpc", None)
+    backend = open_backend(triton_url=args.triton_url, protocol=args.protocol, model_name=args.model_name)
+    return backend, resolve_model_source(None, args.triton_url, args.protocol, args.model_name)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    backend, source = _open_backend(args)
+    try:
+        cfg = BuildConfig(
+            folder=args.folder, out=args.out, batch_size=args.batch_size, decode_workers=args.decode_workers,
+            commit_every=args.commit_every, max_pixels=args.max_pixels, index_mode=args.index_type,
+            progress=not args.no_progress,
+        )
+        summary = build_index(cfg, backend, source)
+    finally:
+        backend.close()
+    text = json.dumps(summary, indent=2)
+    if args.summary:
+        from embed.spec import write_json_atomic
+
+        write_json_atomic(args.summary, summary)
+    else:
+        print(text)
+    logger.info("added %d, updated %d, removed %d, failed %d, %.1f images/s", summary["added"], summary["updated"],
+                summary["removed"], len(summary["failed"]), summary["images_per_s"])
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    with ImageIndex.open(args.index) as index:
+        backend, _ = _open_backend(args, index)
+        try:
+            check_model(index, backend.spec)
+            array, _ = load_image_array(args.image, backend.spec)
+            vector = backend.embed(array[None])
+        finally:
+            backend.close()
+        params = {"nprobe": args.nprobe} if args.nprobe is not None else None
+        hits = index.search(vector, args.k, params=params)[0]
+        root = index.stats()["root"]
+    rows = [{"rank": i + 1, "id": h.id, "score": round(h.score, 6), "path": h.record.path,
+             "abs_path": str(Path(root) / h.record.path) if root else h.record.path} for i, h in enumerate(hits)]
+    if args.json:
+        print(json.dumps({"query": args.image, "k": args.k, "results": rows}, indent=2))
+    else:
+        print(f"{'rank':>4}  {'score':>8}  {'id':>8}  path")
+        for row in rows:
+            print(f"{row['rank']:>4}  {row['score']:>8.4f}  {row['id']:>8}  {row['path']}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    with ImageIndex.open(args.index) as index:
+        print(json.dumps(index.stats(), indent=2))
+    return 0
+
+
+def _cmd_remove(args: argparse.Namespace) -> int:
+    if not args.ids and not args.path:
+        raise ValueError("give item ids and/or --path PATH")
+    with ImageIndex.open(args.index) as index:
+        root = Path(index.stats()["root"] or ".")
+        ids, missing = list(args.ids), []
+        for p in args.path:
+            rel = Path(p).resolve().relative_to(root).as_posix() if Path(p).is_absolute() else p
+            rec = index.get_by_path(rel)
+            (ids.append(rec.id) if rec is not None else missing.append(p))
+        removed = index.remove(ids)
+        index.commit()
+    print(json.dumps({"removed": removed, "requested": len(ids), "unknown_paths": missing}))
+    return 0 if not missing and removed == len(set(ids)) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"build": _cmd_build, "query": _cmd_query, "stats": _cmd_stats, "remove": _cmd_remove}
+    try:
+        return commands[args.command](args)
+    except (BackendError, ModelDirError, IndexDirError, DecodeError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, ValueError) as e:
+        print(f"simsearch index {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -35,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from embed.spec import MODEL_JSON, TRITON_DIR, ModelSpec, onnx_path
+from embed.spec import MODEL_JSON, TRITON_DIR, ModelDirError, ModelSpec, onnx_path
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,16 @@ class LocalTriton:
         self._own_work_dir = config.work_dir is None
         self.work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="simsearch-triton-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.model_name = write_local_repository(
-            config.model_dir, self.work_dir / "repository",
-            instance_count=config.instance_count, intra_op_threads=config.intra_op_threads,
-        )
-        self._backends = _prepare_backends(self._dist, self.work_dir)
+        try:
+            self.model_name = write_local_repository(
+                config.model_dir, self.work_dir / "repository",
+                instance_count=config.instance_count, intra_op_threads=config.intra_op_threads,
+            )
+            self._backends = _prepare_backends(self._dist, self.work_dir)
+        except BaseException:
+            if self._own_work_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+            raise
         self.log_path = self.work_dir / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -329,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                     log.error("tritonserver exited:\n%s", triton.log_tail())
                     return 1
             log.info("stopping tritonserver")
-    except LocalTritonError as e:
+    except (LocalTritonError, ModelDirError) as e:
         log.error("%s", e)
-        return 1
+        return 2 if isinstance(e, ModelDirError) else 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -34,7 +34,7 @@ from embed.embedder import Embedder, default_decode_workers
 from embed.spec import ModelSpec
 from index.records import ItemRecord
 from index.scan import IMAGE_EXTENSIONS, FileJob, read_and_hash, scan_folder
-from index.schema import IndexDirError
+from index.schema import DB_FILE, IndexDirError
 from index.store import ImageIndex
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,11 @@ def check_model(index: ImageIndex, spec: ModelSpec) -> None:
 
 def open_index_for(cfg: BuildConfig, spec: ModelSpec, model_source: dict[str, Any]) -> ImageIndex:
     root = str(Path(cfg.folder).resolve())
-    index = ImageIndex.open_or_create(
-        cfg.out, spec.embedding_dim, model_name=spec.name, model_version=spec.version, root=root,
-        index_mode=cfg.index_mode,
-    )
+    if (Path(cfg.out) / DB_FILE).is_file():
+        index = ImageIndex.open(cfg.out)
+    else:
+        index = ImageIndex.create(cfg.out, spec.embedding_dim, model_name=spec.name, model_version=spec.version,
+                                  root=root, index_mode=cfg.index_mode)
     try:
         check_model(index, spec)
         if index.stats()["root"] != root:

@@ -1,0 +1,203 @@
+"""`simsearch index build/query/stats/remove`: incremental, resumable under kill -9, duplicates, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinymodel import write_tiny_model_dir
+
+from index.cli import main
+from index.store import ImageIndex
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).parents[1]
+MESSY_FAILURES = {
+    "broken.png": "not_an_image", "decompression_bomb.gif": "too_large", "empty_file.jpg": "empty",
+    "not_an_image.png": "not_an_image", "truncated_image.png": "truncated", "truncated_jpeg.jpg": "truncated",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def _folder(dst: Path, n_train: int = 0) -> Path:
+    shutil.copytree(DATA / "cifar10-sample" / "test", dst)
+    for p in sorted((DATA / "cifar10-sample" / "train").glob("*/*.jpg"))[:n_train]:
+        (dst / "train" / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dst / "train" / p.parent.name / p.name)
+    return dst
+
+
+def _build(folder: Path, out: Path, model: Path, tmp: Path, *extra: str) -> dict:
+    summary = tmp / f"summary-{time.monotonic_ns()}.json"
+    rc = main(["build", str(folder), "--model", str(model), "--out", str(out), "--summary", str(summary),
+               "--no-progress", "--decode-workers", "2", *extra])
+    assert rc == 0
+    return json.loads(summary.read_text())
+
+
+def _contents(out: Path) -> dict[str, np.ndarray]:
+    with ImageIndex.open(out) as ix:
+        recs = ix.records()
+        assert len(ix) == len(recs) == len({r.path for r in recs})  # FAISS and rows agree; no path twice
+        if recs:
+            hits = ix.search(np.stack([ix.vector(r.id) for r in recs]), 1)
+            assert [h[0].score for h in hits] == pytest.approx([1.0] * len(recs), abs=1e-4)
+        return {r.path: ix.vector(r.id) for r in recs}
+
+
+def _same_index(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for path in a:
+        assert np.allclose(a[path], b[path], atol=1e-5), path
+
+
+def test_build_query_stats_remove(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _folder(tmp_path / "imgs")
+    for name in list(MESSY_FAILURES) + ["flower.jpg", "transparent.png", "hopper_orientation_6.jpg", "README.md"]:
+        shutil.copy(DATA / "messy" / name, folder / name)
+    shutil.copy(DATA / "messy" / "flower.jpg", folder / "airplane" / "flower-copy.jpg")
+    out = tmp_path / "idx"
+    s = _build(folder, out, tiny, tmp_path)
+    assert s["added"] == 500 + 3 and s["embedded"] == 503 and s["count"] == 503
+    assert {f["path"]: f["reason"] for f in s["failed"]} == MESSY_FAILURES  # README.md is not tried
+    # Files are taken in path order: the first copy is indexed, the later one reported.
+    assert s["skipped_duplicates"] == [{"path": "flower.jpg", "duplicate_of": "airplane/flower-copy.jpg"}]
+    contents = _contents(out)
+    rec_size = ImageIndex.open(out).get_by_path("hopper_orientation_6.jpg")
+    assert (rec_size.width, rec_size.height) == (128, 128) and len(rec_size.sha256) == 64
+
+    capsys.readouterr()
+    assert main(["query", str(folder / "cat" / "0007.jpg"), "--index", str(out), "-k", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["results"][0]["path"] == "cat/0007.jpg" and result["results"][0]["score"] == pytest.approx(1, abs=1e-4)
+    assert len(result["results"]) == 3
+    assert main(["query", str(folder / "cat" / "0007.jpg"), "--index", str(out), "-k", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["rank", "score", "id", "path"] and table[1].endswith("cat/0007.jpg")
+
+    assert main(["stats", "--index", str(out)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["count"] == 503 and stats["model_name"] == "tiny" and stats["index_kind"] == "flat"
+
+    target = ImageIndex.open(out).get_by_path("cat/0007.jpg").id
+    assert main(["remove", str(target), "--path", "dog/0001.jpg", "--index", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == 2
+    assert len(_contents(out)) == len(contents) - 2
+
+
+def test_incremental_rebuild_equals_clean_build(tiny: Path, tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "imgs")
+    out = tmp_path / "idx"
+    first = _build(folder, out, tiny, tmp_path)
+    assert first["added"] == 500
+    ids_before = {r.path: r.id for r in ImageIndex.open(out).records()}
+    (folder / "cat" / "0000.jpg").unlink()                                   # deleted
+    shutil.move(folder / "dog" / "0000.jpg", folder / "dog" / "renamed.jpg")  # moved
+    shutil.copy(DATA / "messy" / "flower.jpg", folder / "bird" / "0000.jpg")  # content changed
+    os.utime(folder / "frog" / "0000.jpg", (1e9, 1e9))                        # only touched
+    shutil.copy(DATA / "messy" / "hopper.bmp", folder / "new.bmp")            # new
+    second = _build(folder, out, tiny, tmp_path)
+    assert (second["added"], second["updated"], second["moved"], second["touched"], second["removed"]) == (1, 1, 1, 1, 1)
+    assert second["embedded"] == 2 and second["unchanged"] == 496
+    after = {r.path: r.id for r in ImageIndex.open(out).records()}
+    assert after["dog/renamed.jpg"] == ids_before["dog/0000.jpg"]  # moved, not re-embedded
+    assert after["frog/0000.jpg"] == ids_before["frog/0000.jpg"]
+    clean = tmp_path / "clean"
+    _build(folder, clean, tiny, tmp_path)
+    _same_index(_contents(out), _contents(clean))
+    third = _build(folder, out, tiny, tmp_path)
+    assert third["embedded"] == 0 and third["unchanged"] == third["scanned"] == 500
+
+
+def test_refuses_another_model(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _folder(tmp_path / "imgs")
+    out = tmp_path / "idx"
+    _build(folder, out, tiny, tmp_path)
+    other = write_tiny_model_dir(tmp_path / "other", dim=16, name="other")
+    capsys.readouterr()
+    assert main(["build", str(folder), "--model", str(other), "--out", str(out), "--no-progress"]) == 2
+    assert "was built with model 'tiny' v1 (dim 32)" in capsys.readouterr().err
+    assert main(["query", str(folder / "cat" / "0001.jpg"), "--index", str(out), "--model", str(other)]) == 2
+
+
+def _committed_rows(out: Path) -> dict[str, int]:
+    db = out / "index.sqlite"
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return dict(conn.execute("SELECT path, id FROM items").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.close()
+
+
+def _generation(out: Path) -> int:
+    db = out / "index.sqlite"
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        return int(row[0]) if row else 0
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def test_kill_9_and_resume_equals_clean_build(tiny: Path, tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "imgs", n_train=300)
+    shutil.copy(DATA / "messy" / "truncated_jpeg.jpg", folder / "bad.jpg")
+    out = tmp_path / "idx"
+    cmd = [sys.executable, "-m", "simsearch.cli", "index", "build", str(folder), "--model", str(tiny),
+           "--out", str(out), "--no-progress", "--batch-size", "8", "--commit-every", "16", "--decode-workers", "1"]
+    rng = random.Random(os.getpid())
+    kills = 0
+    for attempt in range(4):
+        before = _committed_rows(out)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start_gen = _generation(out)
+        # Kill after a random number of further commits; the first time at a random early moment.
+        target = rng.randint(1, 8)
+        early = time.monotonic() + rng.uniform(0.2, 1.5) if attempt == 0 else None
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _generation(out) - start_gen >= target or (early is not None and time.monotonic() > early):
+                time.sleep(rng.uniform(0, 0.05))
+                break
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        after = _committed_rows(out)
+        # Committed work survives a kill and is never redone: every earlier row keeps its id.
+        assert all(after.get(p) == i for p, i in before.items())
+    assert kills >= 3
+    rows_before = _committed_rows(out)
+    assert 0 < len(rows_before) < 800
+    summary = tmp_path / "final.json"
+    subprocess.run([*cmd, "--summary", str(summary)], cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+    final = json.loads(summary.read_text())
+    assert final["embedded"] == 800 - len(rows_before)  # only what had not been committed
+    assert [f["path"] for f in final["failed"]] == ["bad.jpg"]
+    assert all(_committed_rows(out)[p] == i for p, i in rows_before.items())
+    clean = tmp_path / "clean"
+    _build(folder, clean, tiny, tmp_path)
+    _same_index(_contents(out), _contents(clean))

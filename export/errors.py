@@ -8,3 +8,7 @@ class ExportError(RuntimeError):
 
     The message is one line, written for the person who ran the command.
     """
+
+
+class VerificationError(ExportError):
+    """The exported ONNX model failed its checks (checker or parity): not the user's mistake."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from embed.spec import ModelSpec
-from export.errors import ExportError
+from export.errors import ExportError, VerificationError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def check_graph(onnx_file: str | os.PathLike[str], spec: ModelSpec) -> None:
     try:
         onnx.checker.check_model(str(onnx_file), full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"{onnx_file} fails the ONNX checker: {str(e).splitlines()[0]}") from None
+        raise VerificationError(f"{onnx_file} fails the ONNX checker: {str(e).splitlines()[0]}") from None
     graph = onnx.load(str(onnx_file), load_external_data=False).graph
     want = {
         "input": (spec.input_name, onnx.TensorProto.UINT8, [None, *spec.input_size, 3]),
@@ -149,11 +149,11 @@ def check_graph(onnx_file: str | os.PathLike[str], spec: ModelSpec) -> None:
     for kind, values in (("input", graph.input), ("output", graph.output)):
         name, dtype, dims = want[kind]
         if [v.name for v in values] != [name]:
-            raise ExportError(f"ONNX {kind}s are {[v.name for v in values]}, expected [{name!r}]")
+            raise VerificationError(f"ONNX {kind}s are {[v.name for v in values]}, expected [{name!r}]")
         t = values[0].type.tensor_type
         got = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if t.elem_type != dtype or got != dims:
-            raise ExportError(
+            raise VerificationError(
                 f"ONNX {kind} {name!r} is {onnx.TensorProto.DataType.Name(t.elem_type)} {got}, "
                 f"expected {onnx.TensorProto.DataType.Name(dtype)} {dims} (None = dynamic batch)"
             )
@@ -180,13 +180,13 @@ def verify_onnx(
         runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider",
     )
     if figures["worst_cosine"] < tolerance.min_cosine:
-        raise ExportError(
+        raise VerificationError(
             f"{Path(onnx_file).name}: ONNX Runtime and PyTorch disagree: worst cosine "
             f"{figures['worst_cosine']:.6f} < {tolerance.min_cosine}"
         )
     worst_abs = max(figures["max_abs_diff"], figures["batch_vs_single_max_abs_diff"])
     if worst_abs > tolerance.max_abs_diff:
-        raise ExportError(
+        raise VerificationError(
             f"{Path(onnx_file).name}: ONNX Runtime and PyTorch disagree: max abs difference "
             f"{worst_abs:.3g} > {tolerance.max_abs_diff}"
         )

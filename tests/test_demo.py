@@ -1,0 +1,83 @@
+"""The main job end to end: `simsearch demo` on a fresh folder, then a search through the live server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+SAMPLE = Path(__file__).parent / "data" / "cifar10-sample" / "train"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _demo(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "simsearch", "demo", "--no-progress", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_builds_reuses_and_serves(tmp_path: Path) -> None:
+    images = tmp_path / "photos"
+    for cls in sorted(p.name for p in SAMPLE.iterdir())[:5]:
+        (images / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE / cls).iterdir())[:40]:
+            shutil.copy(f, images / cls / f.name)
+    work = tmp_path / "work"
+
+    first = _demo(["--images", str(images), "--workdir", str(work), "--budget", "8", "--no-serve"])
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    assert "[3/4] indexing the folder" in out
+    assert "reusing" not in out
+
+    port = _free_port()
+    second = _demo(["--images", str(images), "--workdir", str(work), "--port", str(port)], start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert second.poll() is None, second.stdout.read()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the demo server never became ready"
+            time.sleep(0.5)
+
+        query = sorted((images / "bird").iterdir())[3]
+        r = httpx.post(f"{url}/v1/search", files={"file": query.read_bytes()}, data={"k": "5"}, timeout=30)
+        assert r.status_code == 200, r.text
+        hits = r.json()["neighbours"]
+        assert Path(hits[0]["path"]).name == query.name
+        assert hits[0]["score"] > 0.999
+
+        page = httpx.get(f"{url}/", timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+    finally:
+        os.killpg(second.pid, signal.SIGINT)
+        try:
+            out, _ = second.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(second.pid, signal.SIGKILL)
+            out, _ = second.communicate()
+    # the second run rebuilt nothing: same checkpoint and model, an index with nothing to add
+    assert out.count("reusing") >= 2, out
+    assert f"http://127.0.0.1:{port}/" in out and "curl -F" in out

@@ -166,3 +166,17 @@ def test_iter_embed_is_bounded_and_uses_load(backend: OnnxRuntimeBackend) -> Non
     rest = list(stream)
     assert [r[0] for r in [first, *rest]] == list(range(n))
     assert rest[6][1].reason == "unreadable"
+
+
+def test_exported_model_dir(model_dir: Path) -> None:
+    """The export issue's real model directory works through open_backend and the Embedder."""
+    backend = open_backend(model_dir=str(model_dir), max_batch_size=4)
+    assert backend.ready() and backend.spec.embedding_dim == 64
+    files = CIFAR_FILES[:10] + [MESSY / "hopper.heif", MESSY / "pil_sample_cmyk.jpg"]
+    results = list(Embedder(backend, batch_size=4).iter_embed(files))
+    vectors = np.stack([r[1] for r in results])
+    assert vectors.shape == (12, 64)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    direct = backend.embed(np.stack([load_image_array(p, backend.spec)[0] for p in files]))
+    assert np.allclose(vectors, direct, atol=1e-5)
+    backend.close()

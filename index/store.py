@@ -12,7 +12,8 @@ from the rows. So after kill -9 at any moment the directory opens, and the FAISS
 the SQLite row ids. Changes not yet committed are lost by a crash, never half-applied.
 
 Thread safety: a readers-writer lock; searches and reads run concurrently, writes are exclusive.
-One process writes an index at a time.
+Several processes may write one index (SQLite serialises their transactions); a writer that finds
+another's commit reloads first, and `refresh()` lets a long-lived reader pick up others' commits.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class ImageIndex:
         directory = Path(directory)
         if not (directory / DB_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not an index directory ({DB_FILE} is missing)")
-        conn = sqlite3.connect(directory / DB_FILE, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(directory / DB_FILE, isolation_level=None, check_same_thread=False, timeout=60)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         return cls(directory, conn)
@@ -109,7 +110,7 @@ class ImageIndex:
             return idx
         return cls.create(directory, dim, **kw)
 
-    def _load_or_rebuild(self) -> faiss.Index:
+    def _load_or_rebuild(self, write: bool = True) -> faiss.Index:
         generation = int(self.meta["generation"])
         path = self.directory / _faiss_name(generation)
         count = self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
@@ -123,6 +124,8 @@ class ImageIndex:
             except RuntimeError as e:
                 logger.warning("cannot read %s (%s): rebuilding", path, e)
         index = self._rebuild()
+        if not write:
+            return index
         try:
             self._write_faiss(index, generation)
         except OSError as e:  # a read-only directory still opens
@@ -172,6 +175,22 @@ class ImageIndex:
         if not self._in_tx:
             self._conn.execute("BEGIN IMMEDIATE")
             self._in_tx = True
+            self._catch_up()
+
+    def _catch_up(self) -> bool:
+        """Another process committed since we last looked: reload the metadata and the vectors."""
+        generation = json.loads(self._conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+        if generation == self.meta["generation"]:
+            return False
+        logger.info("%s changed on disk (commit %s -> %s): reloading", self.directory, self.meta["generation"], generation)
+        self.meta = read_meta(self._conn)
+        self._index = self._load_or_rebuild(write=not self._in_tx)
+        return True
+
+    def refresh(self) -> bool:
+        """Pick up commits made by another process (e.g. `index build` while a server runs)."""
+        with self._rw.write(), self._db:
+            return False if self._in_tx or self._closed else self._catch_up()
 
     def add(self, vectors: np.ndarray, records: Iterable[ItemRecord | Mapping[str, Any]]) -> list[int]:
         """Add vectors [N, D] with their records; returns the new ids. Durable after `commit()`."""

@@ -187,3 +187,22 @@ def test_concurrent_searches_and_writes(tmp_path: Path) -> None:
     assert len(ix) == 200 + 20 * 7 == len(ix.ids())
     ix.close()
     assert os.path.exists(tmp_path / "ix" / "index.sqlite")
+
+
+def test_two_writers_on_one_directory(tmp_path: Path) -> None:
+    d = tmp_path / "ix"
+    ImageIndex.create(d, DIM).close()
+    a, b = ImageIndex.open(d), ImageIndex.open(d)
+    va, vb = _unit(30, 10), _unit(20, 11)
+    ids_a = a.add(va, _records(30, "a"))
+    a.commit()
+    ids_b = b.add(vb, _records(20, "b"))  # b catches up with a's commit before writing
+    b.commit()
+    assert len(b) == 50 and ids_b[0] > ids_a[-1]
+    assert len(a) == 30 and a.refresh() and len(a) == 50
+    hits = a.search(np.concatenate([va, vb]), 1)
+    assert [h[0].id for h in hits] == ids_a + ids_b
+    a.close()
+    b.close()
+    with ImageIndex.open(d) as c:
+        assert c.ids() == ids_a + ids_b and len(c) == 50

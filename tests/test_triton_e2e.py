@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,9 @@ def test_grpc_http_and_onnxruntime_agree(triton: LocalTriton, model_dir: Path) -
         try:
             assert backend.spec == spec and backend.ready()
             got = backend.embed(batch)
+            # the server calls from worker threads (gevent-based HTTP clients are per thread)
+            with ThreadPoolExecutor(3) as pool:
+                threaded = list(pool.map(lambda b, be=backend: (be.ready(), be.embed(b)), [batch[:5]] * 3))
         finally:
             backend.close()
         assert got.shape == reference.shape and got.dtype == np.float32
@@ -101,6 +105,8 @@ def test_grpc_http_and_onnxruntime_agree(triton: LocalTriton, model_dir: Path) -
             np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1)
         )
         assert cosine.min() >= 0.9999, (protocol, cosine.min())
+        for ready, vectors in threaded:
+            assert ready and np.allclose(vectors, got[:5], atol=1e-6)
         # different images get different vectors (a constant output would also "agree")
         assert np.abs(got[0] - got[1]).max() > 1e-3
 

@@ -73,23 +73,25 @@ class TritonBackend:
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
         self._address, ssl = _split_url(url)
         self._is_grpc = protocol == "grpc"
-        self._client = _make_client(protocol, self._address, ssl, timeout_s)
-        # The HTTP client is one connection and not thread-safe; readiness gets its own short-timeout one.
-        self._lock = threading.Lock() if not self._is_grpc else None
-        self._ready_client = (
-            _make_client(protocol, self._address, ssl, READY_TIMEOUT_S) if not self._is_grpc else self._client
-        )
-        self._ready_lock = threading.Lock()
+        self._ssl = ssl
+        # gRPC: one thread-safe client. HTTP: tritonclient's HTTP client runs on gevent, whose
+        # connections belong to the thread that made them, so each thread gets its own.
+        self._clients: list[Any] = []
+        self._clients_lock = threading.Lock()
+        self._local = threading.local()
+        self._grpc = _make_client(protocol, self._address, ssl, timeout_s) if self._is_grpc else None
+        if self._grpc is not None:
+            self._clients.append(self._grpc)
         try:
-            if not self._call(self._client.is_server_live):
+            if not self._call("is_server_live"):
                 raise BackendError(f"Triton at {url} ({protocol}) answers but is not live")
             self.model_name = model_name or (spec.name if spec is not None else self._only_model())
-            if not self._call(self._client.is_model_ready, self.model_name):
+            if not self._call("is_model_ready", self.model_name):
                 raise BackendError(
                     f"model {self.model_name!r} is not ready on Triton at {url}; ready models: {self._models()}"
                 )
-            metadata = self._call(self._client.get_model_metadata, self.model_name)
-            config = self._call(self._client.get_model_config, self.model_name)
+            metadata = self._call("get_model_metadata", self.model_name)
+            config = self._call("get_model_config", self.model_name)
             config = config.get("config", config)  # gRPC JSON wraps the config; HTTP does not
             self.spec = spec if spec is not None else self._spec_from_config(config)
             self._check(metadata)
@@ -101,19 +103,29 @@ class TritonBackend:
         log.info("Triton backend: model %r at %s over %s, max batch %d",
                  self.model_name, url, protocol, self.max_batch_size)
 
-    def _call(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+    def _client(self, timeout_s: float | None = None) -> Any:
+        """The client for this thread (gRPC: the shared one); `timeout_s` picks a short-timeout HTTP one."""
+        if self._grpc is not None:
+            return self._grpc
+        attr = "ready_client" if timeout_s is not None else "client"
+        client = getattr(self._local, attr, None)
+        if client is None:
+            client = _make_client(self.protocol, self._address, self._ssl, timeout_s or self.timeout_s)
+            setattr(self._local, attr, client)
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """One client call; transport and server errors become BackendError."""
         from tritonclient.utils import InferenceServerException
 
         if self._is_grpc:
             kwargs["client_timeout"] = self.timeout_s
-            if method.__name__ in ("get_model_metadata", "get_model_config", "get_model_repository_index"):
+            if method in ("get_model_metadata", "get_model_config", "get_model_repository_index"):
                 kwargs["as_json"] = True
         try:
-            if self._lock is None:
-                return method(*args, **kwargs)
-            with self._lock:
-                return method(*args, **kwargs)
+            return getattr(self._client(), method)(*args, **kwargs)
         except InferenceServerException as e:
             raise BackendError(f"Triton at {self.url} ({self.protocol}): {e.message() or e}") from None
         except Exception as e:  # transport errors (refused, reset, timed out) of either client
@@ -122,7 +134,7 @@ class TritonBackend:
             ) from None
 
     def _models(self) -> list[str]:
-        index = self._call(self._client.get_model_repository_index)
+        index = self._call("get_model_repository_index")
         models = index.get("models", []) if isinstance(index, dict) else index
         return sorted({m["name"] for m in models if m.get("state", "READY") == "READY"})
 
@@ -188,7 +200,7 @@ class TritonBackend:
         tensor = client.InferInput(self.spec.input_name, list(chunk.shape), INPUT_DATATYPE)
         tensor.set_data_from_numpy(chunk)
         output = client.InferRequestedOutput(self.spec.output_name)
-        result = self._call(self._client.infer, self.model_name, [tensor], outputs=[output])
+        result = self._call("infer", self.model_name, [tensor], outputs=[output])
         out = result.as_numpy(self.spec.output_name)
         if out is None or out.shape != (len(chunk), self.spec.embedding_dim):
             found = None if out is None else list(out.shape)
@@ -199,22 +211,24 @@ class TritonBackend:
     def ready(self) -> bool:
         """Server live and model ready, asked now with a short timeout; never raises."""
         try:
-            with self._ready_lock:
-                if self._is_grpc:
-                    return bool(
-                        self._client.is_server_live(client_timeout=READY_TIMEOUT_S)
-                        and self._client.is_model_ready(self.model_name, client_timeout=READY_TIMEOUT_S)
-                    )
-                return bool(self._ready_client.is_server_live() and self._ready_client.is_model_ready(self.model_name))
+            if self._grpc is not None:
+                return bool(
+                    self._grpc.is_server_live(client_timeout=READY_TIMEOUT_S)
+                    and self._grpc.is_model_ready(self.model_name, client_timeout=READY_TIMEOUT_S)
+                )
+            client = self._client(READY_TIMEOUT_S)
+            return bool(client.is_server_live() and client.is_model_ready(self.model_name))
         except Exception:  # any failure to answer means "not ready"
             return False
 
     def close(self) -> None:
-        for client in {id(c): c for c in (self._client, self._ready_client)}.values():
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
             try:
                 client.close()
-            except Exception as e:  # closing a dead connection is not worth failing for
-                log.debug("closing the Triton client: %s", e)
+            except Exception as e:  # another thread's HTTP connection, or a dead one: not worth failing for
+                log.debug("closing a Triton client: %s", e)
 
     def __repr__(self) -> str:
         return f"TritonBackend({self.url!r}, protocol={self.protocol!r}, model_name={getattr(self, 'model_name', None)!r})"

@@ -38,7 +38,7 @@ def _add_model_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--model", metavar="MODEL_DIR", help="model directory (ONNX Runtime in-process)")
     g.add_argument("--triton-url", help="Triton server address, e.g. localhost:8001 (gRPC) or localhost:8000 (HTTP)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="protocol for --triton-url")
-    p.add_argument("--model-name", default=None, help="model name on the Triton server (default: the only one)")
+    p.add_argument("--model-name", default=None, help="model name on the Triton server; none: the only model it serves")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=1, help="model version (the Triton version folder)")
     p.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (half-precision encoder)")
     p.add_argument("--verify-images", nargs="+", default=None, metavar="PATH",
-                   help="image files or folders for the parity check; default: the training folder "
-                   "named in the checkpoint, if it exists (synthetic images are always added)")
+                   help="image files or folders for the parity check; default: an image folder named in the "
+                   "checkpoint's config (train.val_test), if it exists; synthetic images are always added")
     p.add_argument("--verify-limit", type=int, default=64, help="at most this many real images")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",

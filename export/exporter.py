@@ -36,8 +36,8 @@ from export.verify import (
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-# keys of config["data"] that may name the training image folder (verification images by default)
-DATA_DIR_KEYS = ("root", "data_dir", "train_dir", "folder", "path")
+# config entries that may name image folders: the default verification images when none are given
+IMAGE_DIR_KEYS = (("data", "root"), ("data", "folder"), ("train", "val_test"), ("train", "val_train"))
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class ExportConfig:
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     exporter: str = "dynamo"
-    verify_images: tuple[str, ...] = ()  # files or folders; empty: the training folder if it exists
+    verify_images: tuple[str, ...] = ()  # files or folders; empty: a folder named in the training config
     verify_limit: int = 64
     fp32_tolerance: Tolerance = FP32_TOLERANCE
     fp16_tolerance: Tolerance = FP16_TOLERANCE
@@ -122,7 +122,8 @@ def build_spec(config: dict[str, Any], encoder: nn.Module, checkpoint: Path, cfg
 def verification_set(spec: ModelSpec, config: dict[str, Any], cfg: ExportConfig) -> tuple[np.ndarray, dict[str, Any]]:
     sources = list(cfg.verify_images)
     if not sources:
-        sources = [str(v) for k in DATA_DIR_KEYS if isinstance(v := config["data"].get(k), str) and Path(v).is_dir()]
+        found = [s.get(key) for section, key in IMAGE_DIR_KEYS if isinstance(s := config.get(section), dict)]
+        sources = [v for v in found if isinstance(v, str) and v and Path(v).is_dir()][:1]
     real, names = load_images(list_images(sources, cfg.verify_limit), spec)
     if not len(real):
         log.warning("no real images for verification (pass verify_images); checking parity on synthetic ones only")

@@ -80,3 +80,14 @@ def test_bad_triton_option(tmp_path: Path, capsys) -> None:
     ckpt = make_checkpoint(tmp_path / "c.pt")
     err = _run_error([str(ckpt), "--out", str(tmp_path / "m"), "--name", "bad name!"], capsys)
     assert "bad name!" in err
+
+
+def test_default_verification_images_come_from_the_training_config(tmp_path: Path, capsys) -> None:
+    ckpt = torch.load(make_checkpoint(tmp_path / "c.pt"), weights_only=True)
+    messy = str(Path(__file__).parent / "data" / "messy")
+    ckpt["config"]["train"] = {"val_test": messy}
+    path = save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "format_version")}, tmp_path / "v.pt")
+    assert main([str(path), "--out", str(tmp_path / "m"), "--exporter", "torchscript", "--no-triton", "-q"]) == 0
+    images = ModelSpec.load(tmp_path / "m").parity["images"]
+    assert images["sources"] == [messy] and images["real"] > 10
+    assert not (tmp_path / "m" / "triton").exists()

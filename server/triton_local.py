@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
@@ -32,6 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +155,22 @@ def _server_env(libs: Path) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: SIGINT the server when this process dies, even by SIGKILL (no orphan holding the ports).
+
+    The kernel ties this to the *thread* that started the server, so it is only used from the
+    main thread, which lives as long as the process.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGINT)
+
+
 class LocalTriton:
     """A bundled `tritonserver` process serving one model directory; start() / stop() / close()."""
 
@@ -214,7 +232,7 @@ class LocalTriton:
             # Its own session: stop() can then end the server and its backend stubs as a group.
             self.process = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT, env=_server_env(self._libs),
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_die_with_parent(),
             )
         try:
             self._wait_ready()

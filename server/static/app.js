@@ -29,11 +29,15 @@ function card(hit) {
   meta.className = "meta";
   const score = document.createElement("div");
   score.className = "score";
-  score.textContent = hit.score.toFixed(3);
+  score.textContent = hit.score.toFixed(4);
+  const name = document.createElement("div");
+  name.className = "name";
+  name.textContent = (hit.metadata && hit.metadata.filename) || hit.path.split("/").pop();
   const path = document.createElement("div");
   path.className = "path";
-  path.title = path.textContent = hit.path;
-  meta.append(score, path);
+  path.title = hit.path;
+  path.textContent = "\u200e" + hit.path;  // LRM: keeps the leading "/" in place under direction: rtl
+  meta.append(score, name, path);
   div.append(img, meta);
   return div;
 }

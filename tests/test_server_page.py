@@ -1,0 +1,63 @@
+"""The search page in a real headless Chromium: choose an image, see the grid of neighbours.
+
+Needs the Debian packages `chromium` and `chromium-driver` (`make sysdeps` installs them); skips,
+saying so, where they are missing. Saves docs/search-page.png for the README.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from serverkit import CIFAR_TEST, CIFAR_TRAIN, REPO, LiveServer
+
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = REPO / "docs" / "search-page.png"
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMEDRIVER).is_file() and CHROMIUM),
+    reason="headless Chromium not installed (apt-get install chromium chromium-driver, or `make sysdeps`)",
+)
+
+
+def test_pick_an_image_and_see_neighbours(model_dir: Path, tmp_path: Path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with LiveServer(model_dir, tmp_path / "index", tmp_path / "server.log") as server:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for p in CIFAR_TRAIN[::60][:24]:
+                r = c.post("/v1/items", files={"file": (f"{p.parent.name}/{p.name}", p.read_bytes())})
+                assert r.status_code == 201
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage", "--window-size=1100,760", f"--user-data-dir={tmp_path / 'chrome'}"):
+            options.add_argument(arg)
+        # an explicit driver path: selenium-manager never downloads anything
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        try:
+            driver.get(server.url + "/")
+            WebDriverWait(driver, 20).until(lambda d: "items" in d.find_element(By.ID, "status").text)
+            driver.find_element(By.ID, "k").clear()
+            driver.find_element(By.ID, "k").send_keys("12")
+            query = CIFAR_TEST[0]
+            driver.find_element(By.ID, "file").send_keys(str(query))
+            WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .hit")) == 12)
+            # every thumbnail actually loaded (naturalWidth > 0), scores are sorted best first
+            WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+            ))
+            scores = [float(e.text) for e in driver.find_elements(By.CSS_SELECTOR, "#results .score")]
+            assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1] <= scores[0] <= 1.0001
+            assert "neighbours in" in driver.find_element(By.ID, "message").text
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            assert driver.save_screenshot(str(SCREENSHOT))
+        finally:
+            driver.quit()

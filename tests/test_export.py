@@ -161,3 +161,26 @@ def test_failed_verification_keeps_the_old_model(tmp_path) -> None:
                      fp32_tolerance=impossible)
     assert (out / MODEL_JSON).read_text() == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_dynamo_failure_falls_back_to_torchscript(tmp_path, monkeypatch) -> None:
+    import export.graph
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated exporter failure")
+
+    monkeypatch.setattr(export.graph, "_export_dynamo", broken)
+    spec = export_model(make_checkpoint(tmp_path / "c.pt"), tmp_path / "m", triton=None)
+    assert spec.extra["exporter"] == {"fp32": "torchscript"} and spec.parity["fp32"]["worst_cosine"] >= 0.9999
+
+
+def test_graph_check_rejects_a_graph_that_breaks_the_contract(model_dir: Path) -> None:
+    import dataclasses
+
+    from export.verify import check_graph
+
+    spec = ModelSpec.load(model_dir)
+    check_graph(model_dir / MODEL_ONNX, spec)
+    for wrong in ({"embedding_dim": spec.embedding_dim + 1}, {"input_height": 64}, {"output_name": "features"}):
+        with pytest.raises(VerificationError):
+            check_graph(model_dir / MODEL_ONNX, dataclasses.replace(spec, **wrong))

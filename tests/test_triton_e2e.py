@@ -112,7 +112,9 @@ def test_grpc_http_and_onnxruntime_agree(triton: LocalTriton, model_dir: Path) -
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_mismatching_spec_is_refused(triton: LocalTriton, model_dir: Path, protocol: str) -> None:
+def test_mismatching_spec_is_refused(
+    triton: LocalTriton, model_dir: Path, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
     from embed.backends.triton import TritonBackend
 
     spec = ModelSpec.load(model_dir)
@@ -125,6 +127,10 @@ def test_mismatching_spec_is_refused(triton: LocalTriton, model_dir: Path, proto
     assert f"expected [-1, {spec.input_height * 2}, {spec.input_width}, 3]" in message
     with pytest.raises(BackendError, match="not ready"):
         TritonBackend(url, protocol=protocol, model_name="no-such-model")
+    # same shapes, another model version: usable, but said out loud
+    other = TritonBackend(url, protocol=protocol, spec=dataclasses.replace(spec, version=spec.version + 1))
+    other.close()
+    assert f"version: given {spec.version + 1}, served {spec.version}" in caplog.text
 
 
 def test_index_build_and_server_search_through_triton(

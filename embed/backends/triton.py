@@ -95,6 +95,8 @@ class TritonBackend:
             config = config.get("config", config)  # gRPC JSON wraps the config; HTTP does not
             self.spec = spec if spec is not None else self._spec_from_config(config)
             self._check(metadata)
+            if spec is not None:
+                self._warn_if_spec_differs(config)
         except BaseException:
             self.close()
             raise
@@ -157,6 +159,17 @@ class TritonBackend:
             return ModelSpec.from_dict(json.loads(text))
         except (json.JSONDecodeError, ModelDirError, TypeError) as e:
             raise BackendError(f"served model {self.model_name!r}: bad {SPEC_PARAMETER} parameter: {e}") from None
+
+    def _warn_if_spec_differs(self, config: dict[str, Any]) -> None:
+        """Same shapes but another model (version, checkpoint, preprocessing): vectors would not match."""
+        if not config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value"):
+            return
+        served = self._spec_from_config(config)
+        fields = ("name", "version", "checkpoint_sha256", "resize_mode", "resize_size", "interpolation", "mean", "std")
+        differ = [f"{f}: given {getattr(self.spec, f)!r}, served {getattr(served, f)!r}"
+                  for f in fields if getattr(self.spec, f) != getattr(served, f)]
+        if differ:
+            log.warning("served model %r differs from the given spec: %s", self.model_name, "; ".join(differ))
 
     def _check(self, metadata: dict[str, Any]) -> None:
         """Compare the served inputs/outputs with the spec; one BackendError listing every mismatch."""

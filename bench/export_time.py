@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                     if variant in spec.parity:
                         fig = spec.parity[variant]
                         row[variant] = {k: fig[k] for k in ("worst_cosine", "mean_cosine", "max_abs_diff",
-                                                            "batch_vs_single_max_abs_diff", "export_seconds")}
+                                                            "batch_vs_single_max_abs_diff", "export_seconds",
+                                                            "verify_seconds")}
                 results.append(row)
                 fp16 = row.get("fp16", {})
                 print(f"{arch:9s} w={args.width} {exporter:11s} D={spec.embedding_dim:4d} wall {wall:6.2f} s  "

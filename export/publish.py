@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import logging
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from embed.spec import MODEL_JSON
@@ -55,6 +57,22 @@ def publish(staging: str | os.PathLike[str], target: str | os.PathLike[str]) -> 
     """Make `target` a symlink to the finished `staging` directory atomically; returns the version dir."""
     staging, target = Path(staging), Path(target)
     _fsync_tree(staging)
+    with _publish_lock(target):
+        return _publish_locked(staging, target)
+
+
+@contextlib.contextmanager
+def _publish_lock(target: Path) -> Iterator[None]:
+    """Serialise concurrent exports to one target, so none deletes a version another just made."""
+    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _publish_locked(staging: Path, target: Path) -> Path:
     version = staging.with_name(staging.name.replace(".tmp-", ".v-", 1))
     staging.rename(version)
     previous = _current_version(target)

@@ -154,7 +154,16 @@ def test_ivf_is_approximate_with_per_call_params(tmp_path: Path) -> None:
     ix = ImageIndex.open(tmp_path / "ix")
     again = ix.search(queries, 10, params={"nprobe": st["nlist"]})
     assert [[h.id for h in row] for row in again] == exact_ids.tolist()
+    gone = set(exact_ids[:, 0].tolist())
+    assert ix.remove(gone) == len(gone)
+    ix.commit()
+    keep = ~np.isin(ids, list(gone))
+    _, exact_after = _brute(vecs[keep], ids[keep], queries, 10)
+    after = ix.search(queries, 10, params={"nprobe": st["nlist"]})
+    assert [[h.id for h in row] for row in after] == exact_after.tolist()
     ix.close()
+    with ImageIndex.open(tmp_path / "ix") as ix:
+        assert len(ix) == 3000 - len(gone) and ix.stats()["index_kind"] == "ivf"
 
 
 def test_concurrent_searches_and_writes(tmp_path: Path) -> None:

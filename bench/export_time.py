@@ -45,6 +45,22 @@ def make_checkpoint(path: Path, arch: str, width: float, image_size: int) -> Pat
     return save_checkpoint(state, path)
 
 
+def _ort_ms_per_image(path: Path, size: tuple[int, int], batch: int = 64, repeats: int = 5) -> float:
+    """Best-of-`repeats` CPU latency of one batch, per image (the graph as exported, default threads)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).integers(0, 256, (batch, *size, 3), dtype=np.uint8)
+    sess.run(None, {"images": x})
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {"images": x})
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000 / batch, 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["resnet18", "smallcnn"])
@@ -76,12 +92,18 @@ def main(argv: list[str] | None = None) -> int:
                         row[variant] = {k: fig[k] for k in ("worst_cosine", "mean_cosine", "max_abs_diff",
                                                             "batch_vs_single_max_abs_diff", "export_seconds",
                                                             "verify_seconds")}
+                row["ort_cpu_ms_per_image_batch64"] = {
+                    v: _ort_ms_per_image(Path(tmp) / f"model-{arch}-{exporter}" / f, spec.input_size)
+                    for v, f in (("fp32", "model.onnx"), ("fp16", "model.fp16.onnx"))
+                    if (Path(tmp) / f"model-{arch}-{exporter}" / f).exists()
+                }
                 results.append(row)
                 fp16 = row.get("fp16", {})
                 print(f"{arch:9s} w={args.width} {exporter:11s} D={spec.embedding_dim:4d} wall {wall:6.2f} s  "
                       f"fp32 worst cos {row['fp32']['worst_cosine']:.8f} max|d| {row['fp32']['max_abs_diff']:.2e}  "
                       f"fp16 worst cos {fp16.get('worst_cosine', float('nan')):.6f} "
-                      f"max|d| {fp16.get('max_abs_diff', float('nan')):.2e}", flush=True)
+                      f"max|d| {fp16.get('max_abs_diff', float('nan')):.2e}  "
+                      f"ORT CPU ms/image {row['ort_cpu_ms_per_image_batch64']}", flush=True)
     print(json.dumps({"torch_threads": torch.get_num_threads(), "results": results}, indent=2))
     return 0
 

@@ -2,9 +2,11 @@
 
 Requests put preprocessed uint8 arrays [H, W, 3] on a bounded queue and await their vectors. One
 collector task takes what is waiting (up to `max_batch_size`); when it has less than a full batch it
-waits at most `max_wait_s` for more, then runs the model in a worker thread, so the event loop
-never blocks on inference. While one batch runs, the next one queues up, so under load batches fill
-without waiting. A full queue raises `QueueFull` at once (the route answers 503 + Retry-After).
+waits for more, at most `max_wait_s` and only while other requests have announced images that
+are still being decoded (`announce`), so a lone request never waits for company that is not coming.
+The model runs in a worker thread, so the event loop never blocks on inference. While one batch
+runs, the next one queues up, so under load batches fill without waiting. A full queue raises
+`QueueFull` at once (the route answers 503 + Retry-After).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._recent_batch_s = 0.01  # moving average, for Retry-After
+        self._announced = 0  # images being decoded that will be submitted soon
 
     @property
     def depth(self) -> int:
@@ -81,6 +84,12 @@ class MicroBatcher:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def announce(self, n: int) -> None:
+        """`n` images are on their way (decoding); `n` < 0 withdraws them (submitted or failed)."""
+        self._announced = max(0, self._announced + n)
+        if n < 0 and self._wakeup is not None:
+            self._wakeup.set()  # a waiting collector may stop waiting
 
     def start(self) -> None:
         if self.running:
@@ -159,7 +168,7 @@ class MicroBatcher:
     async def _wait_for_more(self) -> None:
         assert self._wakeup is not None
         deadline = time.perf_counter() + self.max_wait_s
-        while len(self._queue) < self.max_batch_size:
+        while len(self._queue) < self.max_batch_size and self._announced > 0:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return

@@ -59,14 +59,18 @@ class EmbedPipeline:
             else:
                 jobs.append((i, up, loop.run_in_executor(self._pool, self._decode, up.data)))
         decoded: list[tuple[int, Upload, np.ndarray, tuple[int, int]]] = []
-        for i, up, job in jobs:
-            try:
-                array, (w, h) = await job
-            except DecodeError as e:
-                self.metrics.decode_errors.labels(e.reason).inc()
-                results[i] = decode_error_item(e, up.index, up.filename)
-                continue
-            decoded.append((i, up, array, (w, h)))
+        self.batcher.announce(len(jobs))
+        try:
+            for i, up, job in jobs:
+                try:
+                    array, (w, h) = await job
+                except DecodeError as e:
+                    self.metrics.decode_errors.labels(e.reason).inc()
+                    results[i] = decode_error_item(e, up.index, up.filename)
+                    continue
+                decoded.append((i, up, array, (w, h)))
+        finally:
+            self.batcher.announce(-len(jobs))
         if decoded:
             vectors = await self._infer([d[2] for d in decoded])
             for (i, up, _, (w, h)), v in zip(decoded, vectors, strict=True):

@@ -133,7 +133,8 @@ def close_resources(res: Resources) -> None:
         res.backend.close()
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
+    # async: a plain def dependency would cost a worker-thread round trip on every request
     res: Resources | None = getattr(request.app.state, "resources", None)
     if res is None:
         raise ApiError(503, "not_ready", "the server is starting or stopping", headers={"Retry-After": "1"})

@@ -82,8 +82,12 @@ def load_encoder(checkpoint: str | os.PathLike[str]) -> tuple[nn.Module, dict[st
         encoder = build_encoder(ModelConfig(**config["model"]))
     except ValueError as e:
         raise ExportError(f"{checkpoint}: {e}") from None
+    state = ckpt["encoder"]
+    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers, should one slip through
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
     try:
-        encoder.load_state_dict(ckpt["encoder"], strict=True)
+        encoder.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ExportError(f"{checkpoint}: encoder weights do not fit the {config['model'].get('arch')} "
                           f"architecture in its config ({str(e).splitlines()[0]})") from None
@@ -124,7 +128,7 @@ def verification_set(spec: ModelSpec, config: dict[str, Any], cfg: ExportConfig)
     if not sources:
         found = [s.get(key) for section, key in IMAGE_DIR_KEYS if isinstance(s := config.get(section), dict)]
         sources = [v for v in found if isinstance(v, str) and v and Path(v).is_dir()][:1]
-    real, names = load_images(list_images(sources, cfg.verify_limit), spec)
+    real, _names = load_images(list_images(sources, cfg.verify_limit), spec)
     if not len(real):
         log.warning("no real images for verification (pass verify_images); checking parity on synthetic ones only")
     images = np.concatenate([real, synthetic_images(spec)])
@@ -167,11 +171,11 @@ def export_model(
     cfg = config or make_config(**options)
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
-    encoder, config = load_encoder(checkpoint)
-    spec = build_spec(config, encoder, checkpoint, cfg)
+    encoder, train_config = load_encoder(checkpoint)
+    spec = build_spec(train_config, encoder, checkpoint, cfg)
     staging = publish.staging_dir(out_dir)
     try:
-        images, image_info = verification_set(spec, config, cfg)
+        images, image_info = verification_set(spec, train_config, cfg)
         reference = torch_reference(encoder, images, spec.mean, spec.std)
         parity: dict[str, Any] = {"images": image_info}
         files: dict[str, str] = {}

@@ -1,0 +1,104 @@
+"""DDP set-up from torchrun's environment alone; one code path for one process and many.
+
+`torchrun --nproc_per_node=8 -m pretrain.train ...` sets RANK, WORLD_SIZE, LOCAL_RANK (and
+MASTER_ADDR/PORT); without them everything runs as rank 0 of 1 with no process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Start the process group when torchrun's variables say so; pick the device (cuda:LOCAL_RANK / cpu)."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default group; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm when more than one process trains (statistics over the global batch)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if rank_and_world()[1] > 1 else model
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends every rank the summed gradient of its own slice.
+
+    Written out (instead of torch.distributed.nn.all_gather) because gloo has no reduce_scatter:
+    backward all-reduces the full gradient and keeps this rank's rows, which works on every backend.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rank, world = rank_and_world()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [n, ...] from every rank (rank-major) -> [world*n, ...]; gradients flow back."""
+    if rank_and_world()[1] == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if rank_and_world()[1] == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / rank_and_world()[1]

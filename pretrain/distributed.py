@@ -62,9 +62,16 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm when more than one process trains (statistics over the global batch)."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if rank_and_world()[1] > 1 else model
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm when several GPU processes train (statistics over the global batch).
+
+    PyTorch's SyncBatchNorm runs on accelerators only; CPU processes (gloo) keep per-process
+    BatchNorm statistics, so a multi-process CPU run matches the single-process run exactly only
+    for models without BatchNorm.
+    """
+    if rank_and_world()[1] > 1 and device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -134,7 +134,7 @@ def train(
         step, elapsed_before = int(resume["step"]), float(resume.get("elapsed_s", 0.0))
         warmup_steps, total_steps = scheduler.lr_lambdas[0].warmup_steps, scheduler.lr_lambdas[0].total_steps
     if dist.enabled:
-        model = distributed.convert_sync_batchnorm(model)
+        model = distributed.convert_sync_batchnorm(model, device)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         model = torch.compile(model)
@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         resume = load_checkpoint(out_dir / "last.pt")
         cfg = PretrainConfig.from_dict(resume["config"])
+        cfg.train.stop_after_steps = 0  # that limit was for the earlier invocation
         for key in RESUME_OVERRIDABLE:  # when to stop this invocation; the run itself stays the same
             if key in overrides.get("train", {}):
                 setattr(cfg.train, key, overrides["train"][key])

@@ -174,3 +174,27 @@ def test_cmyk_and_bilevel() -> None:
     assert bright.any() and (cmyk[bright][:, 0] > cmyk[bright][:, 1]).all()
     bw = np.asarray(decode_image(MESSY / "hopper_bw_500.png"))
     assert set(np.unique(bw)) <= {0, 255}
+
+
+def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_synthetic_modes() -> None:
+    gray = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # 16x16 ramp
+    alpha = np.zeros_like(gray)
+    alpha[:, 8:] = 255
+    la = Image.fromarray(np.stack([gray, alpha], axis=2), mode="LA")
+    out = np.asarray(decode_image(_png_bytes(la), background=(10, 20, 30)))
+    assert (out[:, :8] == [10, 20, 30]).all()
+    assert np.array_equal(out[:, 8:, 0], gray[:, 8:])
+    # 32-bit integer and float grayscale (TIFF): stretched from their own range.
+    wide = (gray.astype(np.int32) * 1000 + 5000)
+    for img in (Image.fromarray(wide, mode="I"), Image.fromarray(wide.astype(np.float32), mode="F")):
+        arr = np.asarray(decode_image(_png_bytes(img, "TIFF")))
+        assert arr[..., 0].min() == 0 and arr[..., 0].max() == 255
+        assert np.array_equal(arr[..., 0], np.rint(gray.astype(float) * 255 / 240))  # 0..240 stretched to 0..255
+    flat = Image.fromarray(np.full((4, 4), 700, np.int32), mode="I")
+    assert (np.asarray(decode_image(_png_bytes(flat, "TIFF"))) == 0).all()

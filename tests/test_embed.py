@@ -114,6 +114,10 @@ def test_open_backend(tiny_dir: Path) -> None:
         open_backend()
     with pytest.raises(BackendError, match="exactly one"):
         open_backend(model_dir=str(tiny_dir), triton_url="localhost:8001")
+    with pytest.raises(BackendError, match="model_name only applies"):
+        open_backend(model_dir=str(tiny_dir), model_name="x")
+    with pytest.raises(BackendError, match="127.0.0.1:1"):  # dispatches to Triton; nothing listens there
+        open_backend(triton_url="127.0.0.1:1", protocol="http", timeout_s=2)
     b = open_backend(model_dir=str(tiny_dir), max_batch_size=4)
     assert isinstance(b, OnnxRuntimeBackend) and b.max_batch_size == 4
     b.close()

@@ -277,3 +277,30 @@ def test_openapi_documents_both_body_types(client: TestClient) -> None:
         ref = content["application/json"]["schema"]["$ref"].split("/")[-1]
         assert ref in schema["components"]["schemas"]
     assert "413" in schema["paths"]["/v1/embed"]["post"]["responses"]
+
+
+def test_thumbnails_of_folder_indexed_items_resolve_under_the_root(model_dir: Path, tmp_path: Path) -> None:
+    from embed.spec import ModelSpec
+    from index.store import ImageIndex
+
+    spec = ModelSpec.load(model_dir)
+    root = CIFAR_TRAIN[0].parents[1]
+    rel = CIFAR_TRAIN[0].relative_to(root).as_posix()
+    with ImageIndex.create(tmp_path / "index", spec.embedding_dim, model_name=spec.name, root=str(root)) as idx:
+        (item_id,) = idx.add(np.ones((1, spec.embedding_dim), np.float32), [{"path": rel, "width": 32, "height": 32}])
+        idx.commit()
+    with TestClient(create_app(make_settings(model_dir, tmp_path / "index"))) as c:
+        assert c.get(f"/v1/items/{item_id}").json()["path"] == rel
+        r = c.get(f"/v1/items/{item_id}/thumbnail")
+        assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+
+
+def test_an_index_of_another_model_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    from embed.spec import ModelSpec
+    from index.store import ImageIndex
+
+    spec = ModelSpec.load(model_dir)
+    ImageIndex.create(tmp_path / "index", spec.embedding_dim, model_name="some-other-model").close()
+    with pytest.raises(RuntimeError, match="some-other-model"), \
+            TestClient(create_app(make_settings(model_dir, tmp_path / "index"))):
+        pass

@@ -164,6 +164,9 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
         summary.update(count=len(index), elapsed_s=round(elapsed, 3),
                        images_per_s=round(summary["embedded"] / elapsed, 2) if elapsed > 0 else 0.0)
         return summary
+    except BaseException:
+        index.rollback()  # keep the last commit; a rerun redoes the rest
+        raise
     finally:
         index.close()
 

@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from index import vector_index as vi
+from index.faiss_file import faiss_path, remove_stale, write_faiss
 from index.records import COLUMNS, Hit, ItemRecord, record_from_row, record_values
 from index.rwlock import RWLock
 from index.schema import DB_FILE, FORMAT, FORMAT_VERSION, IndexDirError, init_db, read_meta, write_meta
@@ -40,10 +41,6 @@ from index.schema import DB_FILE, FORMAT, FORMAT_VERSION, IndexDirError, init_db
 logger = logging.getLogger(__name__)
 
 __all__ = ["Hit", "ImageIndex", "IndexDirError", "ItemRecord"]
-
-def _faiss_name(generation: int) -> str:
-    return f"vectors.{generation}.faiss"
-
 
 class ImageIndex:
     """Vectors + records; see the module docstring for the files and the crash-safety argument."""
@@ -112,13 +109,13 @@ class ImageIndex:
 
     def _load_or_rebuild(self, write: bool = True) -> faiss.Index:
         generation = int(self.meta["generation"])
-        path = self.directory / _faiss_name(generation)
+        path = faiss_path(self.directory, generation)
         count = self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         if path.is_file():
             try:
                 index = faiss.read_index(str(path))
                 if index.ntotal == count and index.d == self.dim:
-                    self._remove_stale_files(keep=path.name)
+                    remove_stale(self.directory, keep=path.name)
                     return index
                 logger.warning("%s has %d vectors for %d rows: rebuilding", path, index.ntotal, count)
             except RuntimeError as e:
@@ -127,7 +124,7 @@ class ImageIndex:
         if not write:
             return index
         try:
-            self._write_faiss(index, generation)
+            write_faiss(index, self.directory, generation)
         except OSError as e:  # a read-only directory still opens
             logger.warning("cannot write %s: %s", path, e)
         return index
@@ -148,25 +145,6 @@ class ImageIndex:
             vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), self.dim)
             index.add_with_ids(vecs, ids)
         return index
-
-    def _write_faiss(self, index: faiss.Index, generation: int) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".vectors.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        try:
-            faiss.write_index(index, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.directory / _faiss_name(generation))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._remove_stale_files(keep=_faiss_name(generation))
-
-    def _remove_stale_files(self, keep: str) -> None:
-        for p in self.directory.iterdir():
-            stale_cache = p.name.startswith("vectors.") and p.name.endswith(".faiss") and p.name != keep
-            if stale_cache or (p.name.startswith(".vectors.") and p.name.endswith(".tmp")):
-                p.unlink(missing_ok=True)
 
     # -- writing -----------------------------------------------------------------------------
     def _begin(self) -> None:
@@ -253,9 +231,19 @@ class ImageIndex:
             self._conn.execute("COMMIT")
             self._in_tx = False
             self.meta["generation"] = generation
-            self._write_faiss(self._index, generation)
+            write_faiss(self._index, self.directory, generation)
 
     save = commit
+
+    def rollback(self) -> None:
+        """Drop every change since the last commit (vectors included)."""
+        with self._rw.write(), self._db:
+            if not self._in_tx:
+                return
+            self._conn.execute("ROLLBACK")
+            self._in_tx = False
+            self.meta = read_meta(self._conn)
+            self._index = self._load_or_rebuild()
 
     def _maybe_retrain(self) -> None:
         n = self._index.ntotal

@@ -215,3 +215,14 @@ def test_two_writers_on_one_directory(tmp_path: Path) -> None:
     b.close()
     with ImageIndex.open(d) as c:
         assert c.ids() == ids_a + ids_b and len(c) == 50
+
+
+def test_rollback(tmp_path: Path) -> None:
+    with ImageIndex.create(tmp_path / "ix", DIM) as ix:
+        kept = ix.add(_unit(5, 20), _records(5))
+        ix.commit()
+        ix.add(_unit(3, 21), _records(3, "x"))
+        ix.remove(kept[:2])
+        ix.rollback()
+        assert ix.ids() == kept and len(ix) == 5
+        assert [h[0].id for h in ix.search(_unit(5, 20), 1)] == kept

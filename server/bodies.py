@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import FormParserError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -69,6 +70,8 @@ async def read_multipart(request: Request, *, file_fields: tuple[str, ...], max_
         if e.status_code == 400 and "Too many files" in str(e.detail):
             raise too_many(max_files + 1, max_files) from None
         raise
+    except FormParserError as e:  # Starlette passes python-multipart's own parse errors through
+        raise ApiError(400, "bad_request", f"malformed multipart body: {e}") from None
     try:
         uploads: list[Upload] = []
         fields: dict[str, str] = {}

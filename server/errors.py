@@ -124,7 +124,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return _json(422, ErrorResponse(detail=detail, reason="invalid_request", errors=items))
 
 
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette logs the exception with its traceback after this answer is sent
+    return _json(500, ErrorResponse(detail="internal error; see the server log", reason="internal_error"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

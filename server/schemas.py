@@ -47,7 +47,7 @@ class SearchJSON(BaseModel):
 
     image: ImageB64 | None = None
     vector: list[float] | None = Field(None, description="a query vector of the index's dimension")
-    id: int | None = Field(None, description="search with the vector of this indexed item")
+    id: int | None = Field(None, ge=0, le=2**63 - 1, description="search with the vector of this indexed item")
     k: int = Field(10, ge=1)
 
     @model_validator(mode="after")

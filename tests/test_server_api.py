@@ -304,3 +304,22 @@ def test_an_index_of_another_model_is_refused(model_dir: Path, tmp_path: Path) -
     with pytest.raises(RuntimeError, match="some-other-model"), \
             TestClient(create_app(make_settings(model_dir, tmp_path / "index"))):
         pass
+
+
+def test_malformed_bodies_are_4xx(client: TestClient) -> None:
+    bodies = [
+        ("multipart/form-data", b"garbage"),
+        ("multipart/form-data; boundary=abc", b"garbage"),
+        ("multipart/form-data; boundary=abc", b'--abc\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nxx'),
+        ("multipart/form-data; boundary=abc", b"--abc\r\n\r\nxx\r\n--abc--\r\n"),
+        ("application/json", b"{"),
+        ("application/json", b"null"),
+        ("application/json", b"\xff\xfe"),
+        ("text/plain", b"hello"),
+    ]
+    for path in ("/v1/embed", "/v1/search", "/v1/items"):
+        for ctype, body in bodies:
+            r = client.post(path, content=body, headers={"content-type": ctype})
+            assert 400 <= r.status_code < 500, (path, ctype, body, r.status_code, r.text)
+            assert r.json()["reason"]
+    assert client.post("/v1/search", json={"id": 2**64}).status_code == 422

@@ -25,7 +25,9 @@ import numpy as np
 FLAT_MAX_VECTORS = 50_000
 INDEX_KINDS = ("flat", "ivf")
 INDEX_MODES = ("auto", *INDEX_KINDS)
-SEARCH_PARAMS = {"flat": (), "ivf": ("nprobe",)}
+# A flat index accepts (and ignores) nprobe: the type changes by itself as the collection grows,
+# so a client must not have to know which one it is talking to.
+SEARCH_PARAMS = {"flat": ("nprobe",), "ivf": ("nprobe",)}
 MIN_POINTS_PER_LIST = 39
 MAX_TRAIN_POINTS_PER_LIST = 256
 RETRAIN_GROWTH = 4

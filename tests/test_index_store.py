@@ -45,6 +45,9 @@ def test_flat_search_equals_brute_force(tmp_path: Path) -> None:
         keep[::7] = False
         queries = _unit(20, 1)
         hits = ix.search(queries, 10)
+        assert [[h.id for h in r] for r in ix.search(queries, 10, params={"nprobe": 1})] == [[h.id for h in r] for r in hits]
+        with pytest.raises(ValueError, match="valid"):
+            ix.search(queries, 10, params={"ef": 3})
         exp_scores, exp_ids = _brute(vecs[keep], ids[keep], queries, 10)
         assert [[h.id for h in row] for row in hits] == exp_ids.tolist()
         assert np.allclose([[h.score for h in row] for row in hits], exp_scores, atol=1e-5)

@@ -32,7 +32,7 @@ from embed.backends.base import Backend
 from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
 from embed.embedder import Embedder, default_decode_workers
 from embed.spec import ModelSpec
-from index.records import ItemRecord
+from index.records import IndexedFile
 from index.scan import IMAGE_EXTENSIONS, FileJob, read_and_hash, scan_folder
 from index.schema import DB_FILE, IndexDirError
 from index.store import ImageIndex
@@ -104,7 +104,7 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
     on_disk = scan_folder(root, cfg.extensions)
     index = open_index_for(cfg, spec, model_source or {})
     try:
-        indexed = {r.path: r for r in index.records()}
+        indexed = {f.path: f for f in index.files()}
         gone = {p: r for p, r in indexed.items() if p not in on_disk}
         gone_by_sha = {r.sha256: r for r in gone.values()}
         todo = [FileJob(p, s.size, s.mtime) for p, s in on_disk.items()
@@ -131,12 +131,14 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
                 if old is not None and old.sha256 == job.sha256:
                     index.update(old.id, size=job.size, mtime=job.mtime)
                     summary["touched"] += 1
-                elif job.sha256 in gone_by_sha and old is None:
+                elif job.sha256 in gone_by_sha:  # the content of a file that left its old path
                     moved = gone_by_sha.pop(job.sha256)
                     gone.pop(moved.path, None)
+                    if old is not None:  # it landed on an indexed path: that path's old content goes
+                        summary["removed"] += index.remove([old.id])
                     index.update(moved.id, path=job.path, size=job.size, mtime=job.mtime)
                     summary["moved"] += 1
-                elif (dup := seen.get(job.sha256)) or (dup := _indexed_copy(index, job, old)):
+                elif (dup := seen.get(job.sha256)) or (dup := _indexed_copy(index, job, old, gone)):
                     summary["skipped_duplicates"].append({"path": job.path, "duplicate_of": dup})
                     if old is not None:  # this path now holds a copy of another file: drop its old vector
                         summary["removed"] += index.remove([old.id])
@@ -171,14 +173,15 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
         index.close()
 
 
-def _indexed_copy(index: ImageIndex, job: FileJob, old: ItemRecord | None) -> str | None:
+def _indexed_copy(index: ImageIndex, job: FileJob, old: IndexedFile | None, gone: dict[str, IndexedFile]) -> str | None:
+    """The path of another indexed file with this content that stays in the index, if any."""
     for rec in index.find_by_sha256(job.sha256):
-        if old is None or rec.id != old.id:
+        if (old is None or rec.id != old.id) and rec.path not in gone:
             return rec.path
     return None
 
 
-def _stage(run: _Run, job: FileJob, vector: np.ndarray, size: tuple[int, int] | None, old: ItemRecord | None) -> None:
+def _stage(run: _Run, job: FileJob, vector: np.ndarray, size: tuple[int, int] | None, old: IndexedFile | None) -> None:
     width, height = size or (0, 0)
     run.vectors.append(vector)
     run.records.append({"path": job.path, "size": job.size, "mtime": job.mtime, "sha256": job.sha256,

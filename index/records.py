@@ -6,10 +6,20 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 RECORD_FIELDS = ("path", "size", "mtime", "sha256", "width", "height", "added_at", "metadata")
 COLUMNS = "id, path, size, mtime, sha256, width, height, added_at, metadata"
+
+
+class IndexedFile(NamedTuple):
+    """The part of a record an incremental build needs; light enough to hold for millions of files."""
+
+    id: int
+    path: str
+    size: int
+    mtime: float
+    sha256: str
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 
 from index import vector_index as vi
 from index.faiss_file import faiss_path, remove_stale, write_faiss
-from index.records import COLUMNS, Hit, ItemRecord, record_from_row, record_values
+from index.records import COLUMNS, Hit, IndexedFile, ItemRecord, record_from_row, record_values
 from index.rwlock import RWLock
 from index.schema import DB_FILE, FORMAT, FORMAT_VERSION, IndexDirError, init_db, read_meta, write_meta
 
@@ -331,6 +331,12 @@ class ImageIndex:
     def records(self) -> list[ItemRecord]:
         with self._rw.read():
             return [record_from_row(r) for r in self._query(f"SELECT {COLUMNS} FROM items ORDER BY id")]
+
+    def files(self) -> list[IndexedFile]:
+        """(id, path, size, mtime, sha256) of every item: what an incremental build compares against."""
+        with self._rw.read():
+            rows = self._query("SELECT id, path, size, mtime, sha256 FROM items ORDER BY id")
+        return [IndexedFile(*r) for r in rows]
 
     def vector(self, id: int) -> np.ndarray | None:
         with self._rw.read():

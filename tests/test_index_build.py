@@ -110,17 +110,20 @@ def test_incremental_rebuild_equals_clean_build(tiny: Path, tmp_path: Path) -> N
     shutil.copy(DATA / "messy" / "flower.jpg", folder / "bird" / "0000.jpg")  # content changed
     os.utime(folder / "frog" / "0000.jpg", (1e9, 1e9))                        # only touched
     shutil.copy(DATA / "messy" / "hopper.bmp", folder / "new.bmp")            # new
+    shutil.move(folder / "ship" / "0000.jpg", folder / "ship" / "0001.jpg")   # moved over an indexed file
+    os.utime(folder / "ship" / "0001.jpg", (2e9, 2e9))
     second = _build(folder, out, tiny, tmp_path)
-    assert (second["added"], second["updated"], second["moved"], second["touched"], second["removed"]) == (1, 1, 1, 1, 1)
-    assert second["embedded"] == 2 and second["unchanged"] == 496
+    assert (second["added"], second["updated"], second["moved"], second["touched"], second["removed"]) == (1, 1, 2, 1, 2)
+    assert second["embedded"] == 2 and second["unchanged"] == 494 and second["scanned"] == 499
     after = {r.path: r.id for r in ImageIndex.open(out).records()}
     assert after["dog/renamed.jpg"] == ids_before["dog/0000.jpg"]  # moved, not re-embedded
+    assert after["ship/0001.jpg"] == ids_before["ship/0000.jpg"]
     assert after["frog/0000.jpg"] == ids_before["frog/0000.jpg"]
     clean = tmp_path / "clean"
     _build(folder, clean, tiny, tmp_path)
     _same_index(_contents(out), _contents(clean))
     third = _build(folder, out, tiny, tmp_path)
-    assert third["embedded"] == 0 and third["unchanged"] == third["scanned"] == 500
+    assert third["embedded"] == 0 and third["unchanged"] == third["scanned"] == 499
 
 
 def test_refuses_another_model(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

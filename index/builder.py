@@ -51,6 +51,7 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     index_mode: str = "auto"
+    rehash: bool = False  # hash every file, not only those whose size or mtime changed
     progress: bool = True
 
 
@@ -108,7 +109,7 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
         gone = {p: r for p, r in indexed.items() if p not in on_disk}
         gone_by_sha = {r.sha256: r for r in gone.values()}
         todo = [FileJob(p, s.size, s.mtime) for p, s in on_disk.items()
-                if p not in indexed or (indexed[p].size, indexed[p].mtime) != (s.size, s.mtime)]
+                if cfg.rehash or p not in indexed or (indexed[p].size, indexed[p].mtime) != (s.size, s.mtime)]
         summary: dict[str, Any] = {
             "folder": str(root.resolve()), "index": str(Path(cfg.out).resolve()),
             "model": {"name": spec.name, "version": spec.version, "dim": spec.embedding_dim},
@@ -129,8 +130,11 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
                     continue
                 old = indexed.get(job.path)
                 if old is not None and old.sha256 == job.sha256:
-                    index.update(old.id, size=job.size, mtime=job.mtime)
-                    summary["touched"] += 1
+                    if (old.size, old.mtime) != (job.size, job.mtime):
+                        index.update(old.id, size=job.size, mtime=job.mtime)
+                        summary["touched"] += 1
+                    else:
+                        summary["unchanged"] += 1
                 elif job.sha256 in gone_by_sha:  # the content of a file that left its old path
                     moved = gone_by_sha.pop(job.sha256)
                     gone.pop(moved.path, None)

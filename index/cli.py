@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     b.add_argument("--index-type", choices=INDEX_MODES, default="auto",
                    help="auto: exact (flat) up to 50,000 vectors, IVF above; set when the index is created")
+    b.add_argument("--rehash", action="store_true",
+                   help="read and sha256 every file, also those whose size and mtime did not change")
     b.add_argument("--summary", default=None, help="write the JSON summary to this file instead of stdout")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -97,7 +99,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         cfg = BuildConfig(
             folder=args.folder, out=args.out, batch_size=args.batch_size, decode_workers=args.decode_workers,
             commit_every=args.commit_every, max_pixels=args.max_pixels, index_mode=args.index_type,
-            progress=not args.no_progress,
+            rehash=args.rehash, progress=not args.no_progress,
         )
         summary = build_index(cfg, backend, source)
     finally:

@@ -49,6 +49,12 @@ def _build(folder: Path, out: Path, model: Path, tmp: Path, *extra: str) -> dict
     return json.loads(summary.read_text())
 
 
+def _build_clean(folder: Path, model: Path, tmp: Path) -> Path:
+    clean = tmp / f"clean-{time.monotonic_ns()}"
+    _build(folder, clean, model, tmp)
+    return clean
+
+
 def _contents(out: Path) -> dict[str, np.ndarray]:
     with ImageIndex.open(out) as ix:
         recs = ix.records()
@@ -119,11 +125,20 @@ def test_incremental_rebuild_equals_clean_build(tiny: Path, tmp_path: Path) -> N
     assert after["dog/renamed.jpg"] == ids_before["dog/0000.jpg"]  # moved, not re-embedded
     assert after["ship/0001.jpg"] == ids_before["ship/0000.jpg"]
     assert after["frog/0000.jpg"] == ids_before["frog/0000.jpg"]
-    clean = tmp_path / "clean"
-    _build(folder, clean, tiny, tmp_path)
-    _same_index(_contents(out), _contents(clean))
+    _same_index(_contents(out), _contents(_build_clean(folder, tiny, tmp_path)))
     third = _build(folder, out, tiny, tmp_path)
     assert third["embedded"] == 0 and third["unchanged"] == third["scanned"] == 499
+    # Same size, same mtime, other pixels: only --rehash notices.
+    bmp = folder / "new.bmp"
+    st = bmp.stat()
+    data = bytearray(bmp.read_bytes())
+    data[-100:-40] = bytes(255 - b for b in data[-100:-40])
+    bmp.write_bytes(bytes(data))
+    os.utime(bmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _build(folder, out, tiny, tmp_path)["embedded"] == 0
+    fourth = _build(folder, out, tiny, tmp_path, "--rehash")
+    assert (fourth["updated"], fourth["embedded"], fourth["unchanged"]) == (1, 1, 498)
+    _same_index(_contents(out), _contents(_build_clean(folder, tiny, tmp_path)))
 
 
 def test_refuses_another_model(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

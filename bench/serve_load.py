@@ -179,7 +179,7 @@ def start_server(model_dir: Path, index_dir: Path, port: int, args: argparse.Nam
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIMSEARCH_")}
     cmd = [sys.executable, "-m", "simsearch", "serve", "--model", str(model_dir), "--index", str(index_dir),
            "--port", str(port), "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
-           "--ort-threads", str(args.threads), "--log-level", "warning"]
+           "--ort-threads", str(args.threads), "--inference-nice", str(args.nice), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, cwd=index_dir.parent, stdout=logfile.open("wb"), stderr=subprocess.STDOUT)
     import httpx
 
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="server's largest model batch")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="server's longest batch wait")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (both sides; 0: ORT decides)")
+    p.add_argument("--nice", type=int, default=0, help="server's inference thread nice value")
     p.add_argument("--raw-batches", default="1,8,16,32,64", help="batch sizes for raw ONNX Runtime")
     p.add_argument("--raw-seconds", type=float, default=3.0)
     args = p.parse_args(argv)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio at {at32['clients']} clients: {ratio:.1%} of raw onnxruntime (goal >= 70%)")
     print(json.dumps({
         "model": spec.name, "endpoint": path, "cpus": os.cpu_count(), "ort_threads": args.threads,
-        "server_batch_size": args.batch_size, "server_batch_wait_ms": args.batch_wait_ms,
+        "server_batch_size": args.batch_size, "server_batch_wait_ms": args.batch_wait_ms, "inference_nice": args.nice,
         "raw_images_per_s": {str(k): round(v, 1) for k, v in raw.items()}, "raw_best_batch": best_bs,
         "levels": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in levels],
         "ratio_at_32": round(ratio, 3), "goal_ratio": 0.7,

@@ -61,6 +61,7 @@ class MicroBatcher:
         max_wait_s: float = 0.002,
         queue_max: int = 512,
         on_batch: BatchObserver | None = None,
+        thread_initializer: Callable[[], object] | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_max < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_max must be >= 1 and max_wait_s >= 0")
@@ -69,6 +70,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.queue_max = queue_max
         self._on_batch = on_batch
+        self._thread_initializer = thread_initializer
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -95,7 +97,9 @@ class MicroBatcher:
         if self.running:
             return
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simsearch-infer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="simsearch-infer", initializer=self._thread_initializer
+        )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="simsearch-batcher")
 
     async def stop(self) -> None:

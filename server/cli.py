@@ -30,6 +30,7 @@ FLAG_FIELDS = {
     "batch_wait_ms": "batch_wait_ms",
     "queue_max": "queue_max",
     "ort_threads": "ort_intra_op_threads",
+    "inference_nice": "inference_nice",
     "commit_interval_ms": "commit_interval_ms",
     "log_level": "log_level",
 }
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, help="longest wait for a batch to fill")
     p.add_argument("--queue-max", type=int, help="queued images before 503")
     p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads (0: ORT decides)")
+    p.add_argument("--inference-nice", type=int, help="nice value added to the inference threads (Linux)")
     p.add_argument("--commit-interval-ms", type=int, help="0: commit every write before answering")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     return p

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     triton_protocol: Literal["grpc", "http"] = "grpc"
     triton_model_name: str | None = Field(None, description="served model name (default: from the spec)")
     ort_intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: ORT decides)")
+    inference_nice: int = Field(
+        0, ge=0, le=19, description="nice value added to the inference threads, so HTTP work keeps up (Linux)"
+    )
 
     index_dir: Path = Field(..., description="index directory (created when missing)")
 

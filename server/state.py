@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from server.committer import Committer
 from server.errors import ApiError
 from server.metrics import Metrics
 from server.pipeline import EmbedPipeline
+from server.priority import lower_current_thread_priority
 from server.settings import Settings
 from server.thumbnails import ThumbnailCache
 from server.upload_store import UploadStore
@@ -83,10 +85,30 @@ def open_index(settings: Settings, spec: ModelSpec) -> ImageIndex:
     return index
 
 
+def _open_backend_at_lower_priority(settings: Settings) -> Backend:
+    """ONNX Runtime's thread pool inherits the priority of the thread that creates the session."""
+    result: list[Backend] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        lower_current_thread_priority(settings.inference_nice)
+        try:
+            result.append(open_backend_from(settings))
+        except BaseException as e:  # re-raised in the caller
+            errors.append(e)
+
+    t = threading.Thread(target=target, name="simsearch-open-backend")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
 def open_resources(settings: Settings, metrics: Metrics, backend: Backend | None = None) -> Resources:
     """Blocking: loads the model and opens the index (call from a worker thread)."""
     owns_backend = backend is None
-    backend = backend if backend is not None else open_backend_from(settings)
+    backend = backend if backend is not None else _open_backend_at_lower_priority(settings)
     try:
         embedder = Embedder(
             backend,
@@ -105,6 +127,7 @@ def open_resources(settings: Settings, metrics: Metrics, backend: Backend | None
         max_wait_s=settings.batch_wait_ms / 1000.0,
         queue_max=settings.queue_max,
         on_batch=metrics.observe_batch,
+        thread_initializer=lambda: lower_current_thread_priority(settings.inference_nice),
     )
     pipeline = EmbedPipeline(
         embedder.spec, batcher, metrics, max_pixels=settings.max_pixels, decode_workers=settings.decode_workers

@@ -62,6 +62,15 @@ async def _read_item(request: Request) -> tuple[Upload, dict[str, Any]]:
     raise unsupported(request)
 
 
+async def _durable(res: Resources) -> None:
+    """Wait for the commit policy; a failed commit is a 503 (the write may not survive a crash)."""
+    try:
+        await res.committer.wrote()
+    except Exception as e:
+        raise ApiError(503, "commit_failed", f"the change could not be written to disk: {e}",
+                       headers={"Retry-After": "5"}) from e
+
+
 def _resolve(res: Resources, path: str) -> str:
     """An indexed path as a file name: relative paths are under the index's root (or directory)."""
     p = Path(path)
@@ -101,7 +110,7 @@ async def add_item(request: Request, res: Res) -> ItemCreated:
             "metadata": {**metadata, **({"filename": upload.filename} if upload.filename else {})},
         }
         (item_id,) = await run_in_threadpool(res.index.add, embedded.vector.reshape(1, -1), [record])
-    await res.committer.wrote()
+    await _durable(res)
     stored = await run_in_threadpool(res.index.get, item_id)
     if stored is None:  # deleted by a concurrent request already
         raise ApiError(404, "not_found", f"item {item_id} was deleted while it was being added")
@@ -128,7 +137,7 @@ async def delete_item(item_id: ItemId, res: Res) -> Deleted:
         if record is None:
             raise ApiError(404, "not_found", f"no item with id {item_id}")
         await run_in_threadpool(res.index.remove, [item_id])
-    await res.committer.wrote()
+    await _durable(res)
     # the uploaded file goes only after the removal is durable, and only if nothing else uses it
     if res.uploads.owns(record.path):
         async with res.write_lock:

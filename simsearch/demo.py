@@ -19,13 +19,15 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+MIN_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,15 @@ def choose_preset(median_short_side: int, cuda: bool) -> TrainPreset:
     return TrainPreset("smallcnn", 1.0, size, True, 256, "cpu")
 
 
-def median_short_side(folder: Path, sample: int = 200) -> int:
-    """Median shorter side of up to `sample` images (headers only; unreadable files ignored)."""
+def survey_folder(folder: Path, sample: int = 200) -> tuple[int, int]:
+    """(number of image files, median shorter side of up to `sample` of them; headers only)."""
     from PIL import Image
 
     from index.scan import scan_folder
 
+    files = scan_folder(folder)
     sides: list[int] = []
-    for rel in sorted(scan_folder(folder)):
+    for rel in files:
         path = folder / rel
         try:
             with Image.open(path) as im:
@@ -65,7 +68,7 @@ def median_short_side(folder: Path, sample: int = 200) -> int:
             break
     if not sides:
         raise SystemExit(f"simsearch demo: no readable images under {folder}")
-    return sorted(sides)[len(sides) // 2]
+    return len(files), sorted(sides)[len(sides) // 2]
 
 
 def sha256_file(path: Path) -> str:
@@ -101,8 +104,16 @@ def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool) -
     if (run_dir / "summary.json").is_file() and checkpoint.is_file():
         print(f"      reusing {checkpoint}")
         return checkpoint
-    preset = choose_preset(median_short_side(images), torch.cuda.is_available())
-    print(f"      {preset.arch} at {preset.image_size}px on {preset.device}, budget {budget_s:.0f} s")
+    count, short_side = survey_folder(images)
+    if count < MIN_IMAGES:
+        raise SystemExit(f"simsearch demo: {images} holds {count} images; SimCLR needs at least {MIN_IMAGES}")
+    preset = choose_preset(short_side, torch.cuda.is_available())
+    # a batch can't be larger than the folder; SimCLR's negatives come from the batch, so keep it large
+    preset = replace(preset, batch_size=min(preset.batch_size, 2 ** int(math.log2(count))))
+    print(
+        f"      {count} images; {preset.arch} at {preset.image_size}px on {preset.device}, "
+        f"batch {preset.batch_size}, budget {budget_s:.0f} s"
+    )
     argv = [
         str(images), "--out", str(run_dir),
         "--arch", preset.arch, "--width", str(preset.width),

@@ -20,7 +20,8 @@ reproduces the views exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +43,14 @@ class SimCLRAugment:
         blur: bool = False,
         blur_p: float = 0.5,
         flip_p: float = 0.5,
+        hue_subset: bool | None = None,
     ) -> None:
         self.size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.strength, self.crop_scale = strength, crop_scale
         self.jitter_p, self.grayscale_p, self.flip_p = jitter_p, grayscale_p, flip_p
         self.blur, self.blur_p = blur, blur_p
+        self.hue_subset = hue_subset  # None: on the CPU only (see color_jitter)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -113,9 +116,14 @@ class SimCLRAugment:
             mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
             x = (ck * x + (1 - ck) * mean).clamp_(0, 1)
             x = (sk * x + (1 - sk) * _grayscale(x)).clamp_(0, 1)
-            idx = ((op == 3) & (hue != 0)).nonzero()[:, 0]
-            if idx.numel():
-                x = x.index_copy(0, idx, _shift_hue(x[idx], hue[idx]))
+            sel = (op == 3) & (hue != 0)
+            subset = x.device.type == "cpu" if self.hue_subset is None else self.hue_subset
+            if subset:  # only the selected images: less work where compute is scarce
+                idx = sel.nonzero()[:, 0]
+                if idx.numel():
+                    x = x.index_copy(0, idx, _shift_hue(x[idx], hue[idx]))
+            else:  # the whole batch: no host sync (nonzero) and one kernel sequence
+                x = torch.where(sel.view(n, 1, 1, 1), _shift_hue(x, hue), x)
         return x
 
     def gaussian_blur(self, x: torch.Tensor, apply: torch.Tensor, rand: _Rand) -> torch.Tensor:
@@ -131,6 +139,18 @@ class SimCLRAugment:
         y = F.conv2d(y, kern.view(n * c, 1, 1, k), groups=n * c)
         y = F.conv2d(y, kern.view(n * c, 1, k, 1), groups=n * c)
         return y.view(n, c, h, w)
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op threads (augmentation is many small ops: one thread avoids the
+    OpenMP barriers that cost more than they save, badly so on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Rand:

@@ -51,6 +51,7 @@ class AugmentConfig:
     blur: str = "auto"  # auto: on for image_size >= 96
     blur_p: float = 0.5
     flip_p: float = 0.5
+    view_size: int = 0  # side of the augmented views; 0: data.image_size (smaller trains faster on a CPU)
 
     def __post_init__(self) -> None:
         self.crop_scale = tuple(float(v) for v in self.crop_scale)  # type: ignore[assignment]

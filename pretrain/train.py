@@ -16,6 +16,7 @@ order (only when to stop and how often to log may change; everything else comes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from pretrain import distributed
-from pretrain.augment import SimCLRAugment
+from pretrain.augment import SimCLRAugment, cpu_threads
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.config import PretrainConfig, add_config_flags, overrides_from_args
 from pretrain.data import EpochSampler, ImageFolderData, load_folder
@@ -117,7 +118,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     criterion = NTXentLoss(t.temperature)
     augment = SimCLRAugment(
-        cfg.data.image_size, cfg.data.mean, cfg.data.std, strength=cfg.augment.strength,
+        cfg.augment.view_size or cfg.data.image_size, cfg.data.mean, cfg.data.std, strength=cfg.augment.strength,
         crop_scale=cfg.augment.resolved_crop_scale(cfg.data.image_size), jitter_p=cfg.augment.jitter_p,
         grayscale_p=cfg.augment.grayscale_p, blur=cfg.augment.resolved_blur(cfg.data.image_size),
         blur_p=cfg.augment.blur_p, flip_p=cfg.augment.flip_p,
@@ -199,7 +200,8 @@ def train(
         t0 = time.perf_counter()
         x = images[idx.to(images.device)].to(device, non_blocking=True)
         generator.manual_seed((t.seed * 1_000_003 + step) * 1009 + dist.rank)
-        views = torch.cat([augment(x, generator), augment(x, generator)])
+        with cpu_threads(1) if device.type == "cpu" else contextlib.nullcontext():
+            views = torch.cat([augment(x, generator), augment(x, generator)])
         if t.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         if device.type == "cuda":

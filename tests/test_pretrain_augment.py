@@ -71,3 +71,9 @@ def test_hue_shift_matches_torchvision():
 def test_rejects_float_input(images):
     with pytest.raises(ValueError):
         aug()(images.float(), torch.Generator())
+
+
+def test_whole_batch_hue_path_equals_subset_path(images):
+    subset = aug(strength=1.0, hue_subset=True)(images, torch.Generator().manual_seed(11))
+    whole = aug(strength=1.0, hue_subset=False)(images, torch.Generator().manual_seed(11))
+    assert torch.allclose(subset, whole, atol=1e-5)

@@ -2,7 +2,9 @@
 
 Needs the Debian packages `chromium` and `chromium-driver` (`make sysdeps` installs them); skips,
 saying so, where they are missing. The screenshot goes to the test's temporary folder, and to
-docs/search-page.png (the README's) when that is missing or UPDATE_SCREENSHOTS=1.
+docs/search-page.png (the README's) when that is missing or UPDATE_SCREENSHOTS=1; set
+SCREENSHOT_MODEL_DIR to a trained model directory (e.g. the demo's) for a screenshot whose
+neighbours mean something — the fixture's model is untrained.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def test_pick_an_image_and_see_neighbours(model_dir: Path, tmp_path: Path) -> No
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with LiveServer(model_dir, tmp_path / "index", tmp_path / "server.log") as server:
+    model = Path(os.environ.get("SCREENSHOT_MODEL_DIR") or model_dir)
+    with LiveServer(model, tmp_path / "index", tmp_path / "server.log") as server:
         with httpx.Client(base_url=server.url, timeout=30) as c:
-            for p in CIFAR_TRAIN[::60][:24]:
+            for p in CIFAR_TRAIN[::12]:
                 r = c.post("/v1/items", files={"file": (f"{p.parent.name}/{p.name}", p.read_bytes())})
                 assert r.status_code == 201
         options = webdriver.ChromeOptions()

@@ -7,8 +7,9 @@ any other indexed file, so thumbnails work for uploads too. Files are written at
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from embed.atomic import atomic_write_bytes
 
 # extensions kept from the client's filename; anything else is stored as ".img"
 # (decoding goes by content, never by extension)
@@ -35,16 +36,7 @@ class UploadStore:
         if path.is_file() and path.stat().st_size == len(data):
             return path
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".upload.", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, data)
         return path
 
     def owns(self, path: str) -> bool:

@@ -106,16 +106,16 @@ class SimCLRAugment:
         sat = factor(0.8 * s, 1.0).clamp(min=0)
         hue = factor(min(0.2 * s, 0.5), 0.0)
         order = torch.argsort(rand.u(n, 4), dim=1)  # a random order of the four ops per image
+        factors = torch.stack([b, c, sat, torch.ones_like(b)], 1)  # op 3 (hue) blends nothing
         for k in range(4):
             op = order[:, k]
-            one = torch.ones_like(b)
-            bk = torch.where(op == 0, b, one).view(n, 1, 1, 1)
-            ck = torch.where(op == 1, c, one).view(n, 1, 1, 1)
-            sk = torch.where(op == 2, sat, one).view(n, 1, 1, 1)
-            x = (x * bk).clamp_(0, 1)
-            mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-            x = (ck * x + (1 - ck) * mean).clamp_(0, 1)
-            x = (sk * x + (1 - sk) * _grayscale(x)).clamp_(0, 1)
+            # brightness, contrast and saturation are all blends x' = a*x + (1-a)*ref, with ref = 0 (black),
+            # the image's mean grey level, or its grey image: one blend per pass, each image with its own op
+            alpha = factors.gather(1, op[:, None]).view(n, 1, 1, 1)
+            gray = _grayscale(x)
+            ref = torch.where((op == 2).view(n, 1, 1, 1), gray, gray.mean(dim=(1, 2, 3), keepdim=True))
+            ref = ref * (op != 0).view(n, 1, 1, 1)
+            x = (alpha * x + (1 - alpha) * ref).clamp_(0, 1)
             sel = (op == 3) & (hue != 0)
             subset = x.device.type == "cpu" if self.hue_subset is None else self.hue_subset
             if subset:  # only the selected images: less work where compute is scarce

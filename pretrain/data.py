@@ -80,7 +80,7 @@ def load_resized(source: str | os.PathLike[str] | bytes, size: int) -> np.ndarra
         img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if min(w, h) > 4 * size else None)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def _try_load(path: Path, size: int) -> np.ndarray | str:

@@ -23,17 +23,19 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from pretrain import distributed
 from pretrain.augment import SimCLRAugment, cpu_threads
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.config import PretrainConfig, add_config_flags, overrides_from_args
-from pretrain.data import EpochSampler, ImageFolderData, load_folder
+from pretrain.data import EpochSampler, ImageFolderData, StreamingImageFolder, load_folder
 from pretrain.features import extract_features
 from pretrain.knn import knn_accuracy
 from pretrain.lars import LARS, param_groups
@@ -81,14 +83,14 @@ def knn_monitor(model: Any, cfg: PretrainConfig, val: tuple[ImageFolderData, Ima
 
 def train(
     cfg: PretrainConfig,
-    data: ImageFolderData,
+    data: ImageFolderData | StreamingImageFolder,
     out_dir: str | Path,
     *,
     resume: dict[str, Any] | None = None,
     val: tuple[ImageFolderData, ImageFolderData] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train on `data` (in memory), writing checkpoints and logs to `out_dir`; return the summary."""
+    """Train on `data` (in memory or streamed), writing checkpoints and logs to `out_dir`; return the summary."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -140,9 +142,24 @@ def train(
     if t.compile:
         model = torch.compile(model)
 
-    # data: the whole uint8 set on the device when it is a GPU (CIFAR-10 is 150 MB)
-    images = data.images.to(device) if device.type == "cuda" else data.images
+    # data: in memory, the whole uint8 set goes on the device when it is a GPU (CIFAR-10 is 150 MB)
     sampler = EpochSampler(len(data), dist.rank, dist.world_size, t.seed)
+    streaming = isinstance(data, StreamingImageFolder)
+    images = None if streaming else data.images.to(device) if device.type == "cuda" else data.images
+
+    def epoch_batches(epoch: int, start: int) -> Iterator[torch.Tensor]:
+        """This rank's uint8 batches of `epoch` from batch `start` on (same order whatever the start)."""
+        sampler.set_epoch(epoch, start * local_batch)
+        if streaming:
+            loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=cfg.data.workers,
+                                drop_last=True, pin_memory=device.type == "cuda")
+            yield from (x for x, _ in loader)
+            return
+        idx = sampler.indices().to(images.device)
+        for k in range(steps_per_epoch - start):
+            yield images[idx[k * local_batch : (k + 1) * local_batch]]
+
+    batches, batch_epoch = iter(()), -1
 
     # logging (rank 0 only)
     writer, metrics_file = None, None
@@ -195,10 +212,10 @@ def train(
         if t.stop_after_steps and step >= t.stop_after_steps:
             stop_reason = "stop_after_steps"
             break
-        sampler.set_epoch(epoch)
-        idx = sampler.indices()[i * local_batch : (i + 1) * local_batch]
         t0 = time.perf_counter()
-        x = images[idx.to(images.device)].to(device, non_blocking=True)
+        if batch_epoch != epoch:
+            batches, batch_epoch = epoch_batches(epoch, i), epoch
+        x = next(batches).to(device, non_blocking=True)
         generator.manual_seed((t.seed * 1_000_003 + step) * 1009 + dist.rank)
         with cpu_threads(1) if device.type == "cpu" else contextlib.nullcontext():
             views = torch.cat([augment(x, generator), augment(x, generator)])
@@ -251,7 +268,7 @@ def train(
         "aug_share": aug_time / max(step_time, 1e-9), "first_loss": loss_first,
         "final_loss": last_metrics.get("loss"), "knn_top1": last_metrics.get("knn_top1"),
         "world_size": dist.world_size, "device": str(device), "checkpoint": str(out_dir / "last.pt"),
-        "skipped_files": len(data.failures),
+        "skipped_files": len(data.failures),  # streaming: those met by this process
     }
     if dist.is_main:
         from embed.spec import write_json_atomic
@@ -279,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = PretrainConfig.load(args.config) if args.config else PretrainConfig()
         cfg = cfg.updated(overrides)
-    data = load_folder(args.folder, cfg.data.image_size, workers=cfg.data.workers, max_images=cfg.data.max_images,
-                       progress=not args.no_progress)
+    if cfg.data.in_memory:
+        data = load_folder(args.folder, cfg.data.image_size, workers=cfg.data.workers, max_images=cfg.data.max_images,
+                           progress=not args.no_progress)
+    else:
+        data = StreamingImageFolder(args.folder, cfg.data.image_size, cfg.data.max_images)
     val = None
     if cfg.train.val_train and cfg.train.val_test and int(os.environ.get("RANK", 0)) == 0:
         val = tuple(load_folder(f, cfg.data.image_size, workers=cfg.data.workers, progress=False)

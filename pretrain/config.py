@@ -194,7 +194,7 @@ def add_config_flags(parser: Any) -> None:
             elif isinstance(value, tuple):
                 kw.update(nargs=len(value), type=type(value[0]), metavar="V")
             else:
-                kw["type"] = type(value)
+                kw.update(type=type(value), metavar=f.name.upper())
             group.add_argument(flag, **kw)
 
 

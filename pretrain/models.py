@@ -70,34 +70,24 @@ class ResNetEncoder(resnet.ResNet):
 
 
 class SmallCNN(nn.Module):
-    """A plain conv-BN-ReLU network (~1.1M parameters at width 1) for training on a CPU."""
+    """A plain conv-BN-ReLU network for training on a CPU.
 
-    def __init__(self, width: float = 1.0) -> None:
+    `stride2_stem=False` (`smallcnn`, ~1.1M parameters at width 1): stages at 32, 16, 8 and 4 px.
+    `stride2_stem=True` (`smallcnn2`, ~0.57M parameters): 32 px in, stages at 16, 8 and 4 px,
+    several times cheaper per image.
+    """
+
+    def __init__(self, width: float = 1.0, stride2_stem: bool = False) -> None:
         super().__init__()
         c = [max(8, round(32 * width * m)) for m in (1, 2, 4, 8)]
+        # (out_channels, stride) per conv layer
+        if stride2_stem:
+            plan = [(c[0], 2), (c[1], 2), (c[1], 1), (c[2], 2), (c[2], 1), (c[3], 1)]
+        else:  # downsample at the start of each stage but the first
+            plan = [(c[0], 1), (c[1], 1), (c[1], 2), (c[2], 1), (c[2], 2), (c[3], 1), (c[3], 2)]
         layers: list[nn.Module] = []
         in_ch = 3
-        # (out_channels, stride): downsample at the start of each stage but the first
-        for out_ch, stride in [(c[0], 1), (c[1], 1), (c[1], 2), (c[2], 1), (c[2], 2), (c[3], 1), (c[3], 2)]:
-            layers += [nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
-            in_ch = out_ch
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = c[3]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.pool(self.features(x)), 1)
-
-
-class SmallCNN2(nn.Module):
-    """Conv-BN-ReLU with a stride-2 stem: 32 px in, stages at 16, 8 and 4 px (~0.57M parameters at width 1)."""
-
-    def __init__(self, width: float = 1.0) -> None:
-        super().__init__()
-        c = [max(8, round(32 * width * m)) for m in (1, 2, 4, 8)]
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for out_ch, stride in [(c[0], 2), (c[1], 2), (c[1], 1), (c[2], 2), (c[2], 1), (c[3], 1)]:
+        for out_ch, stride in plan:
             layers += [nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
             in_ch = out_ch
         self.features = nn.Sequential(*layers)
@@ -113,7 +103,7 @@ def build_encoder(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "smallcnn":
         return SmallCNN(cfg.width)
     if cfg.arch == "smallcnn2":
-        return SmallCNN2(cfg.width)
+        return SmallCNN(cfg.width, stride2_stem=True)
     return ResNetEncoder(cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem)
 
 

@@ -13,36 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from export import export_model
-from pretrain.checkpoint import save_checkpoint
-from pretrain.models import ModelConfig, build_encoder, build_head
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+sys.path.insert(0, str(DATA.parent))  # the tests' checkpoint maker: one definition of a fresh checkpoint
 
-
-def make_checkpoint(path: Path, arch: str, width: float, image_size: int) -> Path:
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, width=width, cifar_stem=True)
-    encoder = build_encoder(cfg)
-    with torch.no_grad():
-        for m in encoder.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    config = {"model": asdict(cfg),
-              "data": {"image_size": image_size, "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.2435, 0.2616]}}
-    state = {"config": config, "encoder": encoder.state_dict(),
-             "head": build_head(cfg, encoder.feature_dim).state_dict(), "step": 0, "epoch": 0}
-    return save_checkpoint(state, path)
+from export_checkpoints import make_checkpoint  # noqa: E402
 
 
 def _ort_ms_per_image(path: Path, size: tuple[int, int], batch: int = 64, repeats: int = 5) -> float:

@@ -16,7 +16,6 @@ order (only when to stop and how often to log may change; everything else comes 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from pretrain import distributed
-from pretrain.augment import SimCLRAugment, cpu_threads
+from pretrain.augment import SimCLRAugment
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.config import PretrainConfig, add_config_flags, overrides_from_args
 from pretrain.data import EpochSampler, ImageFolderData, StreamingImageFolder, load_folder
@@ -217,8 +216,7 @@ def train(
             batches, batch_epoch = epoch_batches(epoch, i), epoch
         x = next(batches).to(device, non_blocking=True)
         generator.manual_seed((t.seed * 1_000_003 + step) * 1009 + dist.rank)
-        with cpu_threads(1) if device.type == "cpu" else contextlib.nullcontext():
-            views = torch.cat([augment(x, generator), augment(x, generator)])
+        views = augment(torch.cat([x, x]), generator)  # two views per image, every row its own draws
         if t.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         if device.type == "cuda":

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pretrain.augment import SimCLRAugment, _shift_hue
+from pretrain.augment import SimCLRAugment, _hue_rotation, jitter_matrix
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -59,21 +59,45 @@ def test_grayscale_always_gives_equal_channels(images):
     assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
 
 
-def test_hue_shift_matches_torchvision():
+def test_jitter_matrix_equals_torchvision_ops_in_sequence():
+    # inside [0, 1] (no clamping) brightness, contrast and saturation compose exactly, in any order
     from torchvision.transforms.v2 import functional as TF
 
-    x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(4))
-    shift = torch.tensor([0.1, -0.25, 0.0])
-    ref = torch.stack([TF.adjust_hue(xi, float(s)) for xi, s in zip(x, shift, strict=True)])
-    assert torch.allclose(_shift_hue(x, shift), ref, atol=1e-5)
+    g = torch.Generator().manual_seed(4)
+    x = 0.3 + 0.3 * torch.rand(6, 3, 8, 8, generator=g)
+    factors = torch.cat([0.75 + 0.5 * torch.rand(6, 3, generator=g), torch.zeros(6, 1)], 1)
+    order = torch.cat([torch.stack([torch.randperm(3, generator=g) for _ in range(6)]), torch.full((6, 1), 3)], 1)
+    matrix, offset = jitter_matrix(x.mean((2, 3)), factors, order)
+    out = (matrix @ x.flatten(2) + offset[:, :, None]).view_as(x)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for xi, fi, oi, yi in zip(x, factors, order, out, strict=True):
+        ref = xi
+        for op in oi[:3].tolist():
+            ref = ops[op](ref, float(fi[op]))
+        assert ref.min() > 0 and ref.max() < 1  # the premise: torchvision's clamps did nothing
+        assert torch.allclose(yi, ref, atol=1e-4)  # torchvision's luma weight for red is 0.2989
+
+
+def test_hue_rotation_agrees_with_torchvision_at_a_third_of_a_turn_and_keeps_grey():
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(5))
+    for turns in (1 / 3, -1 / 3):
+        rotated = (_hue_rotation(torch.tensor([turns]))[0] @ x.flatten(1)).view_as(x)
+        assert torch.allclose(rotated, TF.adjust_hue(x, turns), atol=1e-5)  # a channel permutation
+    grey = torch.full((3, 1), 0.4)
+    rot = _hue_rotation(torch.tensor([0.1, -0.07]))
+    assert torch.allclose(rot @ grey, grey.expand(2, 3, 1), atol=1e-6)
+    assert torch.allclose(rot @ rot.transpose(1, 2), torch.eye(3).expand(2, 3, 3), atol=1e-6)  # a rotation
+
+
+def test_colour_jitter_changes_colours_and_respects_its_probability(images):
+    plain = aug(crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, flip_p=0.0)(images, torch.Generator().manual_seed(2))
+    jittered = aug(crop_scale=(1.0, 1.0), jitter_p=1.0, grayscale_p=0.0, flip_p=0.0)(images, torch.Generator().manual_seed(2))
+    # same crops (the draws for the crop come first), different colours for every image
+    assert ((plain - jittered).flatten(1).abs().amax(1) > 0.05).all()
 
 
 def test_rejects_float_input(images):
     with pytest.raises(ValueError):
         aug()(images.float(), torch.Generator())
-
-
-def test_whole_batch_hue_path_equals_subset_path(images):
-    subset = aug(strength=1.0, hue_subset=True)(images, torch.Generator().manual_seed(11))
-    whole = aug(strength=1.0, hue_subset=False)(images, torch.Generator().manual_seed(11))
-    assert torch.allclose(subset, whole, atol=1e-5)

@@ -30,13 +30,14 @@ from pretrain.evaluate import evaluate, load_encoder  # noqa: E402
 from pretrain.train import train  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-# For the 2-core AVX2 CPU, which has no bf16 units (bf16 autocast ran ~8x slower than fp32 there) and
-# reaches ~20 GFLOP/s when shared: a half-width smallcnn trained on 16 px views (4x + 4x fewer FLOPs
-# than width 1 at 32 px) gets several epochs into 10 minutes; evaluation runs at the stored 32 px.
-CPU_PRESET = dict(arch="smallcnn", width=0.5, batch_size=256, temperature=0.2, precision="fp32", optimizer="lars",
-                  base_lr=1.0, warmup_epochs=0.3, view_size=16, strength=0.5)
+# For the 2-core AVX2 CPU, which has no bf16 units (bf16 autocast ran ~8x slower than fp32 there): smallcnn2
+# (stride-2 stem, 0.57M parameters) on 24 px views gets ~11 epochs into 10 minutes; evaluation runs at the
+# stored 32 px. Chosen by 3-minute runs on this CPU (pretrain/README.md has the figures): tau 0.1, peak LR 2.0,
+# a 1024-wide hidden layer in the head.
+CPU_PRESET = dict(arch="smallcnn2", width=1.0, batch_size=256, temperature=0.1, precision="fp32", optimizer="lars",
+                  base_lr=2.0, warmup_epochs=0.3, view_size=24, strength=0.5, head_hidden_dim=1024)
 GPU_PRESET = dict(arch="resnet18", width=1.0, batch_size=512, temperature=0.2, precision="bf16", optimizer="lars",
-                  base_lr=1.0, warmup_epochs=2.0, view_size=0, strength=0.5)
+                  base_lr=1.0, warmup_epochs=2.0, view_size=0, strength=0.5, head_hidden_dim=0)
 
 
 def ensure_data(root: Path, tarball: Path) -> Path:
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(train_set.failures) + len(test_set.failures)} skipped)", flush=True)
 
     cfg = PretrainConfig.from_dict({
-        "model": {"arch": preset["arch"], "width": preset["width"], "cifar_stem": args.cifar_stem},
+        "model": {"arch": preset["arch"], "width": preset["width"], "cifar_stem": args.cifar_stem,
+                  "head_hidden_dim": preset["head_hidden_dim"]},
         "data": {"image_size": 32, "mean": CIFAR_MEAN, "std": CIFAR_STD},
         "augment": {"strength": preset["strength"], "view_size": preset["view_size"]},
         "optim": {"optimizer": preset["optimizer"], "base_lr": preset["base_lr"], "warmup_epochs": preset["warmup_epochs"]},

@@ -40,19 +40,22 @@ class TrainPreset:
     batch_size: int
     precision: str
     device: str
+    temperature: float
+    base_lr: float  # LARS, lr = base_lr x batch / 256
+    head_hidden_dim: int  # 0: the encoder's feature dimension
 
 
 def choose_preset(median_short_side: int, cuda: bool) -> TrainPreset:
-    """Encoder and input size for the folder: 32 px for tiny images, larger for photos.
+    """Encoder, input size and the settings that matter for the folder: 32 px for tiny images, larger for photos.
 
-    The CPU preset is bench/pretrain_cifar10.py's (a half-width small CNN on 16 px views, fp32:
+    The CPU preset is bench/pretrain_cifar10.py's (smallcnn2 on views 3/4 of the image side, fp32:
     bf16 autocast is emulated, so ~8x slower, on CPUs without bf16 instructions).
     """
     if cuda:
         size = 32 if median_short_side <= 48 else 96
-        return TrainPreset("resnet18", 1.0, size, 0, size <= 64, 512, "bf16", "cuda")
+        return TrainPreset("resnet18", 1.0, size, 0, size <= 64, 512, "bf16", "cuda", 0.2, 1.0, 0)
     size = 32 if median_short_side <= 48 else 64
-    return TrainPreset("smallcnn", 0.5, size, size // 2, True, 256, "fp32", "cpu")
+    return TrainPreset("smallcnn2", 1.0, size, size * 3 // 4, True, 256, "fp32", "cpu", 0.1, 2.0, 1024)
 
 
 def survey_folder(folder: Path, sample: int = 200) -> tuple[int, int]:
@@ -127,7 +130,8 @@ def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool) -
         "--cifar-stem" if preset.cifar_stem else "--no-cifar-stem",
         "--view-size", str(preset.view_size), "--precision", preset.precision,
         "--batch-size", str(preset.batch_size), "--device", preset.device,
-        "--temperature", "0.2", "--base-lr", "1.0", "--warmup-epochs", "1",
+        "--temperature", str(preset.temperature), "--base-lr", str(preset.base_lr),
+        "--head-hidden-dim", str(preset.head_hidden_dim), "--warmup-epochs", "1",
         # epochs 0: the cosine schedule is laid out over the time budget
         "--time-budget-min", f"{budget_s / 60:.4f}", "--epochs", "0",
     ]  # fmt: skip

@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -175,27 +174,6 @@ def batch_totals(port: int) -> tuple[float, float]:
     return values.get("simsearch_batch_size_sum", 0.0), values.get("simsearch_batch_size_count", 0.0)
 
 
-def start_server(model_dir: Path, index_dir: Path, port: int, args: argparse.Namespace, logfile: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIMSEARCH_")}
-    cmd = [sys.executable, "-m", "simsearch", "serve", "--model", str(model_dir), "--index", str(index_dir),
-           "--port", str(port), "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
-           "--ort-threads", str(args.threads), "--inference-nice", str(args.nice), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, cwd=index_dir.parent, stdout=logfile.open("wb"), stderr=subprocess.STDOUT)
-    import httpx
-
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {logfile.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=Path, help="model directory (default: export a fresh ResNet-18, CIFAR stem)")
@@ -227,15 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_ort(model_dir, files, args.threads, [int(b) for b in args.raw_batches.split(",")], args.raw_seconds)
     best_bs = max(raw, key=lambda b: raw[b])
 
-    from serverkit import free_port
+    from serverkit import LiveServer
 
-    port = free_port()
-    proc = start_server(model_dir, index_dir, port, args, work / "server.log")
+    server = LiveServer(model_dir, index_dir, work / "server.log", extra_args=[
+        "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+        "--ort-threads", str(args.threads), "--inference-nice", str(args.nice)])
     path = f"/v1/{args.endpoint}"
     fields = {"k": "10"} if args.endpoint == "search" else {}
-    requests = [multipart_request(path, f"127.0.0.1:{port}", f.read_bytes(), fields) for f in files[:256]]
     levels = []
-    try:
+    with server:
+        port, proc = server.port, server.proc
+        requests = [multipart_request(path, f"127.0.0.1:{port}", f.read_bytes(), fields) for f in files[:256]]
         asyncio.run(run_level(port, requests, 4, 1.0, 200))  # warm-up
         for c in [int(x) for x in args.clients.split(",")]:
             cpu0, (img0, calls0) = cpu_seconds(proc.pid), batch_totals(port)
@@ -248,9 +228,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"p99 {r['p99_ms']:7.2f} ms  mean batch {r['mean_batch']:5.1f}  server CPU "
                   f"{r['server_cpu_ms_per_request']:.2f} ms/req  ({r['requests']} requests, {r['errors']} errors)",
                   flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(30)
     at32 = next((r for r in levels if r["clients"] == 32), levels[-1])
     ratio = at32["rps"] / raw[best_bs]
     print(f"raw onnxruntime best: {raw[best_bs]:.1f} images/s at batch {best_bs}")

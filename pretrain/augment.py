@@ -30,9 +30,9 @@ reproduces the views exactly.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,6 @@ class SimCLRAugment:
         self.strength, self.crop_scale = strength, crop_scale
         self.jitter_p, self.grayscale_p, self.flip_p = jitter_p, grayscale_p, flip_p
         self.blur, self.blur_p = blur, blur_p
-        self._mean_std = _PerDevice(lambda device, dtype: (torch.tensor(self.mean, device=device, dtype=dtype),
-                                                           torch.tensor(self.std, device=device, dtype=dtype)))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -77,7 +75,8 @@ class SimCLRAugment:
         gray = rand.u(n) < self.grayscale_p
         k = _constants(x.device, x.dtype)
         mix = torch.where(gray[:, None, None], k.to_gray, k.eye)
-        mean, std = self._mean_std.get(x.device, x.dtype)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype)
         x = torch.baddbmm((-mean / std).expand(n, 3)[:, :, None], mix / std[:, None], x).view(n, 3, size, size)
         if self.blur:
             x = self.gaussian_blur(x, rand.u(n) < self.blur_p, rand)
@@ -185,29 +184,13 @@ class _Constants:
         self.eye = torch.eye(3, device=device, dtype=dtype)
         self.gray = t(_GRAY)
         self.to_gray = self.gray.expand(3, 3).contiguous()  # every channel becomes the luma
-        root3 = math.sqrt(3)
         self.axis = torch.full((3, 3), 1 / 3, device=device, dtype=dtype)  # k k^T for the grey axis k
-        self.cross = t([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / root3  # v -> k x v
+        self.cross = t([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / math.sqrt(3)  # v -> k x v
 
 
-class _PerDevice:
-    """A value built once per (device, dtype)."""
-
-    def __init__(self, build: Callable[[torch.device, torch.dtype], Any]) -> None:
-        self.build, self.cache = build, {}
-
-    def get(self, device: torch.device, dtype: torch.dtype) -> Any:
-        key = (str(device), dtype)
-        if key not in self.cache:
-            self.cache[key] = self.build(device, dtype)
-        return self.cache[key]
-
-
-_CONSTANTS = _PerDevice(_Constants)
-
-
+@functools.cache
 def _constants(device: torch.device, dtype: torch.dtype) -> _Constants:
-    return _CONSTANTS.get(device, dtype)
+    return _Constants(device, dtype)
 
 
 class _Rand:

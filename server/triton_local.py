@@ -225,7 +225,7 @@ class LocalTriton:
         ]
 
     def start(self) -> LocalTriton:
-        """Start the server and wait until /v2/health/ready answers 200."""
+        """Start the server and wait until /v2/health/ready and /metrics answer 200."""
         if self.running():
             return self
         with open(self.log_path, "ab") as out:
@@ -245,7 +245,8 @@ class LocalTriton:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
-        url = f"{self.http_url}/v2/health/ready"
+        # the metrics service starts after the HTTP one: wait for both before announcing them
+        waiting = [f"{self.http_url}/v2/health/ready", self.metrics_url]
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
@@ -253,9 +254,12 @@ class LocalTriton:
                     f"tritonserver exited with status {self.process.returncode}:\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as response:
+                with urllib.request.urlopen(waiting[0], timeout=1.0) as response:
                     if response.status == 200:
-                        return
+                        waiting.pop(0)
+                        if not waiting:
+                            return
+                        continue
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)

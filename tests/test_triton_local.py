@@ -70,14 +70,19 @@ def test_cli_serves_until_sigterm(model_dir: Path, tmp_path: Path) -> None:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline, ready = time.monotonic() + 90, False
-        while not ready and time.monotonic() < deadline and process.poll() is None:
+        deadline = time.monotonic() + 90
+        # the metrics service starts after the HTTP one: wait for both
+        waiting = [f"http://127.0.0.1:{http}/v2/health/ready", f"http://127.0.0.1:{metrics}/metrics"]
+        while waiting and time.monotonic() < deadline and process.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1) as r:
-                    ready = r.status == 200
+                with urllib.request.urlopen(waiting[0], timeout=1) as r:
+                    if r.status == 200:
+                        waiting.pop(0)
+                        continue
             except OSError:
-                time.sleep(0.3)
-        assert ready, (work / "tritonserver.log").read_text() if (work / "tritonserver.log").exists() else ""
+                pass
+            time.sleep(0.3)
+        assert not waiting, (work / "tritonserver.log").read_text() if (work / "tritonserver.log").exists() else ""
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
             assert b"nv_inference_request_success" in r.read()
         process.send_signal(signal.SIGTERM)

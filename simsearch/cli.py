@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export.cli", "checkpoint -> verified ONNX model directory + Triton repository"),
     "index": ("index.cli", "build / query / stats / remove an image index"),
     "serve": ("server.cli", "run the HTTP API and search page"),
-    "triton": ("server.triton_local", "serve a model directory with a local Triton server (CPU)"),
+    "triton": ("tritonlocal.launcher", "serve a model directory with a local Triton server (CPU)"),
     "demo": ("simsearch.demo", "pretrain, export, index and serve a folder in one go"),
 }
 

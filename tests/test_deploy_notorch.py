@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "torchvision", "onnx", "onnxscript")
 MODULES = (
-    "simsearch.cli", "server.app", "server.cli", "server.triton_local", "index.cli", "index.store",
+    "simsearch.cli", "server.app", "server.cli", "tritonlocal.launcher", "index.cli", "index.store",
     "embed.backends.triton", "embed.backends.onnxruntime", "embed.embedder",
 )
 

@@ -24,7 +24,7 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed")
 
 from embed.backends import BackendError  # noqa: E402
 from embed.spec import TRITON_DIR, ModelSpec  # noqa: E402
-from server.triton_local import LocalTriton, start_local_triton  # noqa: E402
+from tritonlocal.launcher import LocalTriton, start_local_triton  # noqa: E402
 
 SAMPLE = Path(__file__).parent / "data" / "cifar10-sample" / "test"
 pytestmark = pytest.mark.slow

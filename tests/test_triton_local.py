@@ -1,4 +1,4 @@
-"""`simsearch triton` (server/triton_local.py) and TritonBackend's own checks.
+"""`simsearch triton` (tritonlocal/launcher.py) and TritonBackend's own checks.
 
 The repository written for the bundled tritonserver copies the export's model config; the
 command starts a real server, answers health checks and stops cleanly on SIGTERM.
@@ -41,7 +41,7 @@ def test_local_repository_copies_the_export_config(model_dir: Path, tmp_path: Pa
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from server.triton_local import write_local_repository
+    from tritonlocal.launcher import write_local_repository
 
     spec = ModelSpec.load(model_dir)
     name = write_local_repository(model_dir, tmp_path / "repo", instance_count=2, intra_op_threads=3)
@@ -115,7 +115,7 @@ def test_backend_reports_an_unreachable_server(protocol: str) -> None:
 
 
 def test_cli_reports_a_missing_model_dir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from server.triton_local import main
+    from tritonlocal.launcher import main
 
     before = set(Path(tempfile.gettempdir()).glob("simsearch-triton-*"))
     assert main(["--model", str(tmp_path), "--http-port", "1"]) == 2

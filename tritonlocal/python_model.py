@@ -1,6 +1,6 @@
 """Triton Python-backend model that runs an exported `model.onnx` with ONNX Runtime on the CPU.
 
-This file is copied as `<repository>/<name>/1/model.py` by `server.triton_local` and runs inside
+This file is copied as `<repository>/<name>/1/model.py` by `tritonlocal.launcher` and runs inside
 Triton's Python-backend stub, where `triton_python_backend_utils` exists; nothing imports it
 from the package. The model's config.pbtxt names the ONNX file (`onnx_model_path`) and the ONNX
 Runtime thread count (`intra_op_threads`). With dynamic batching Triton hands several requests

@@ -2,7 +2,7 @@
 
 For machines without Docker or a GPU. The `tritonserver` binary bundled by `nvidia-pytriton`
 carries only the Python backend, so the model repository written here holds ONE model, named
-like the exported one, whose `model.py` (server/triton_python_model.py) runs the directory's
+like the exported one, whose `model.py` (tritonlocal/python_model.py) runs the directory's
 `model.onnx` with ONNX Runtime. Everything a client sees is what the GPU deployment shows: the
 same KServe v2 protocol and ports, the same model name, input/output names, dtypes, dims,
 max_batch_size, dynamic batching and the `simsearch_model_json` parameter (all copied from the
@@ -41,7 +41,7 @@ from embed.spec import MODEL_JSON, TRITON_DIR, ModelDirError, ModelSpec, onnx_pa
 
 log = logging.getLogger(__name__)
 
-MODEL_PY = Path(__file__).with_name("triton_python_model.py")
+MODEL_PY = Path(__file__).with_name("python_model.py")
 # Python-backend shared memory per model instance; the same small figures pytriton uses.
 SHM_DEFAULT_BYTES = 4 * 1024 * 1024
 SHM_GROWTH_BYTES = 1024 * 1024

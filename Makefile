@@ -3,7 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,serve,train,triton,dev
+# What each command installs (pyproject.toml's extras). The demo pretrains, exports, indexes and
+# serves in one process on the CPU: nothing from `triton` (nvidia-pytriton, whose bundled
+# tritonserver needs glibc >= 2.35) nor `dev`, so it installs on older Linux too.
+DEMO_EXTRAS ?= cpu,serve,train
+# The tests add the local Triton server and the test tools; later extras (e.g. ray) join here.
+TEST_EXTRAS ?= triton,dev
 IMAGES ?= tests/data/cifar10-sample/train
 WORKDIR ?= demo-run
 BUDGET ?= 180
@@ -11,30 +16,48 @@ PORT ?= 8000
 
 .PHONY: demo test venv sysdeps lint clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# One stamp per command, so `make demo` then `make test` installs only the rest, and `make test`
+# then `make demo` installs nothing more. Editing pyproject.toml redoes both.
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+
+$(VENV)/.installed-demo: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[$(DEMO_EXTRAS)]'
 	touch $@
 
-venv: $(VENV)/.installed
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-demo
+	$(PY) -m pip install -q -e '.[$(DEMO_EXTRAS),$(TEST_EXTRAS)]'
+	touch $@
+
+# a development environment: everything the tests use
+venv: $(VENV)/.installed-test
 
 # System packages the tests use: headless Chromium for the page test, docker-compose to
-# validate the compose file offline. Installed only when missing and only as root.
+# validate the compose file offline. Installed only when missing and only as root; elsewhere
+# this says what to install, because `make test` fails when any test cannot run.
+SYSDEPS := chromium chromium-driver docker-compose
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && ! { command -v chromedriver >/dev/null && command -v docker-compose >/dev/null; }; then \
-	  echo "installing chromium, chromium-driver, docker-compose (apt)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver docker-compose >/dev/null \
-	  || echo "sysdeps: apt install failed; the browser and compose tests will skip"; \
+	@if command -v chromedriver >/dev/null && command -v docker-compose >/dev/null \
+	    && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing $(SYSDEPS) (apt)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null; } \
+	  || { echo "sysdeps: apt-get install $(SYSDEPS) failed; the browser and compose tests cannot run" >&2; exit 1; }; \
+	else \
+	  echo "sysdeps: install $(SYSDEPS) (e.g. sudo apt-get install $(SYSDEPS)); the browser and compose tests need them" >&2; \
 	fi
 
-test: venv sysdeps
-	$(PY) -m pytest -q
+# Lint first (seconds), then every test; FAIL_ON_SKIP makes a skipped test fail the run
+# (tests/skipguard.py), so a green `make test` means every test ran.
+test: $(VENV)/.installed-test sysdeps
+	$(PY) -m ruff check .
+	FAIL_ON_SKIP=1 $(PY) -m pytest -q
 
-demo: venv
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/simsearch demo --images '$(IMAGES)' --workdir '$(WORKDIR)' --budget $(BUDGET) --port $(PORT)
 
-lint: venv
+lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 
 clean:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -33,10 +32,11 @@ import faiss
 import numpy as np
 
 from index import vector_index as vi
+from index.dir_init import create_in_place
 from index.faiss_file import faiss_path, remove_stale, write_faiss
 from index.records import COLUMNS, Hit, IndexedFile, ItemRecord, record_from_row, record_values
 from index.rwlock import RWLock
-from index.schema import DB_FILE, FORMAT, FORMAT_VERSION, IndexDirError, init_db, read_meta, write_meta
+from index.schema import DB_FILE, FORMAT, FORMAT_VERSION, IndexDirError, read_meta, write_meta
 
 logger = logging.getLogger(__name__)
 
@@ -64,26 +64,18 @@ class ImageIndex:
         cls, directory: str | os.PathLike[str], dim: int, *, model_name: str = "", model_version: int = 0,
         root: str | None = None, index_mode: str = "auto", flat_max: int = vi.FLAT_MAX_VECTORS,
     ) -> ImageIndex:
-        """A new, empty index directory (built under a temporary name, then renamed into place)."""
+        """A new, empty index in `directory` (missing, or an existing empty directory such as a
+        volume mount): built in place, writing only inside it, crash-safe (index/dir_init.py)."""
         directory = Path(directory)
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         vi.choose_kind(0, index_mode)
-        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-            raise FileExistsError(f"{directory} already exists and is not an empty directory")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        conn = sqlite3.connect(tmp / DB_FILE, isolation_level=None)
-        init_db(conn, {
+        create_in_place(directory, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "dim": dim, "model_name": model_name,
             "model_version": model_version, "root": root or "", "generation": 0, "index_kind": "flat",
             "index_mode": index_mode, "flat_max": flat_max, "nlist": 0, "nprobe": 0, "trained_on": 0,
             "created_at": time.time(),
         })
-        conn.close()
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
         return cls.open(directory)
 
     @classmethod

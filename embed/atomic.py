@@ -1,16 +1,18 @@
 """Atomic file writes: a temporary file in the same directory, fsync, then os.replace.
 
-A crash leaves the old file or the new one, never half of one (DESIGN.md: files on disk are the
-only state). Shared by checkpoints, model.json, uploaded images and other metadata files.
+A crash leaves the old file or the new one, never half of one (docs/design.md: files on disk are the
+only state). The one atomic writer: checkpoints, model.json, summaries and other JSON files,
+uploaded images, and the index's FAISS file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], *, mode: int = 0o644) -> Path:
@@ -32,3 +34,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> Path:
     return atomic_write(path, lambda f: f.write(data), mode=mode)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """`data` as indented JSON with sorted keys (stable diffs), written atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return atomic_write_bytes(path, text.encode())

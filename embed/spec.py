@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embed.atomic import atomic_write_bytes
+from embed.atomic import write_json_atomic
 
 MODEL_FORMAT = "simsearch-model"
 FORMAT_VERSION = 1
@@ -118,11 +118,6 @@ class ModelSpec:
         path = Path(model_dir) / MODEL_JSON
         write_json_atomic(path, self.to_dict())
         return path
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(path, text.encode())
 
 
 def onnx_path(model_dir: str | os.PathLike[str]) -> Path:

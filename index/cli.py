@@ -106,7 +106,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         backend.close()
     text = json.dumps(summary, indent=2)
     if args.summary:
-        from embed.spec import write_json_atomic
+        from embed.atomic import write_json_atomic
 
         write_json_atomic(args.summary, summary)
     else:

@@ -150,7 +150,7 @@ class PretrainConfig:
         return cls(**{name: _section(name, d.get(name, {})) for name in SECTIONS})
 
     def save(self, path: str | Path) -> None:
-        from embed.spec import write_json_atomic
+        from embed.atomic import write_json_atomic
 
         write_json_atomic(Path(path), self.to_dict())
 

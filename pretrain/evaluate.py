@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(checkpoint=str(args.checkpoint), step=int(ckpt["step"]),
                   skipped_files=len(train.failures) + len(test.failures))
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
-    from embed.spec import write_json_atomic
+    from embed.atomic import write_json_atomic
 
     write_json_atomic(out, result)
     print(json.dumps(result))

@@ -9,10 +9,14 @@
 
 Everything downstream reads `model.json` through `ModelSpec.load` and never hard-codes a size,
 a mean or a dimension. Pure Python: importable without PyTorch or ONNX Runtime.
+
+The model's identity is its `fingerprint` (see `compute_fingerprint`): what an index records so
+that vectors of two different models are never mixed in it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -31,6 +35,11 @@ MODEL_JSON = "model.json"
 TRITON_DIR = "triton"
 RESIZE_MODES = ("shorter_side_center_crop", "stretch")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+FINGERPRINT_SCHEME = "simsearch-fingerprint-v1"
+# The spec fields that decide which uint8 pixels a file becomes before the ONNX graph sees it.
+# Two model directories with the same model.onnx but another resize rule give other vectors, so
+# these are part of the fingerprint. A new preprocessing field belongs here too.
+PIXEL_FIELDS = ("input_height", "input_width", "resize_mode", "resize_size", "interpolation")
 
 
 class ModelDirError(ValueError):
@@ -61,6 +70,7 @@ class ModelSpec:
     format: str = MODEL_FORMAT
     format_version: int = FORMAT_VERSION
     checkpoint_sha256: str = ""
+    fingerprint: str = ""  # "" in model.json files written before fingerprints existed
     training_config: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +128,33 @@ class ModelSpec:
         path = Path(model_dir) / MODEL_JSON
         write_json_atomic(path, self.to_dict())
         return path
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def compute_fingerprint(onnx_sha256: str, spec: ModelSpec) -> str:
+    """The model's identity: sha256 over model.onnx's sha256 and the pixel rule (`PIXEL_FIELDS`).
+
+    Same fingerprint = same vectors for the same file. The fp32 `model.onnx` decides it; the
+    fp16 variant and TensorRT FP16 execution of the same file count as the same model (their
+    vectors agree within the export's fp16 parity tolerance, cosine >= 0.999), so a GPU server
+    can search an index built on a CPU. Export records it in model.json (`fingerprint`).
+    """
+    pixels = {k: getattr(spec, k) for k in PIXEL_FIELDS}
+    text = f"{FINGERPRINT_SCHEME}\n{onnx_sha256}\n{json.dumps(pixels, sort_keys=True)}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_dir_fingerprint(model_dir: str | os.PathLike[str], spec: ModelSpec | None = None) -> str:
+    """The fingerprint recorded in model.json, or computed from model.onnx for older exports."""
+    spec = spec if spec is not None else ModelSpec.load(model_dir)
+    return spec.fingerprint or compute_fingerprint(sha256_file(onnx_path(model_dir)), spec)
 
 
 def onnx_path(model_dir: str | os.PathLike[str]) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embed.spec import MODEL_FP16_ONNX, MODEL_ONNX, ModelSpec
+from embed.spec import MODEL_FP16_ONNX, MODEL_ONNX, ModelSpec, compute_fingerprint
 from export import publish
 from export.errors import ExportError
 from export.graph import DEFAULT_OPSET, ExportableEncoder, export_onnx
@@ -193,7 +193,10 @@ def export_model(
             parity[key]["export_seconds"] = round(t1 - t0, 3)
             parity[key]["verify_seconds"] = round(time.perf_counter() - t1, 3)
             files[filename] = sha256_file(staging / filename)
-        spec = dataclasses.replace(spec, parity=parity, extra=_extra(encoder, cfg, exporters, files, started))
+        # the fingerprint covers the final model.onnx and the pixel rule (embed/spec.py): an index
+        # records it and refuses vectors of any other model
+        spec = dataclasses.replace(spec, parity=parity, extra=_extra(encoder, cfg, exporters, files, started),
+                                   fingerprint=compute_fingerprint(files[MODEL_ONNX], spec))
         os.chmod(spec.save(staging), 0o644)  # mkstemp makes it 0600; Triton/servers may run as other users
         if cfg.triton is not None:
             write_triton_repository_from(staging, spec, staging / MODEL_ONNX, cfg.triton)

@@ -7,6 +7,7 @@ Thread spinning is off, so idle inference threads do not burn CPU that decoding 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -19,7 +20,7 @@ import onnxruntime as ort
 
 from embed.backends import BackendError
 from embed.backends.base import check_batch
-from embed.spec import ModelDirError, ModelSpec, onnx_path
+from embed.spec import ModelDirError, ModelSpec, model_dir_fingerprint, onnx_path
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,14 @@ class OnnxRuntimeBackend:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        # resolved once, so model.json and model.onnx come from the same published version
+        resolved = Path(model_dir).resolve()
         try:
-            self.spec: ModelSpec = ModelSpec.load(model_dir)
-            path = onnx_path(model_dir)
+            spec = ModelSpec.load(resolved)
+            path = onnx_path(resolved)
+            # model.json files written before fingerprints existed: the file itself gives it
+            self.spec: ModelSpec = spec if spec.fingerprint else dataclasses.replace(
+                spec, fingerprint=model_dir_fingerprint(resolved, spec))
         except ModelDirError as e:
             raise BackendError(str(e)) from None
         self.model_dir = Path(model_dir)

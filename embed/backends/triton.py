@@ -165,7 +165,7 @@ class TritonBackend:
         if not config.get("parameters", {}).get(SPEC_PARAMETER, {}).get("string_value"):
             return
         served = self._spec_from_config(config)
-        fields = ("name", "version", "checkpoint_sha256", "resize_mode", "resize_size", "interpolation", "mean", "std")
+        fields = ("name", "version", "fingerprint", "checkpoint_sha256", "resize_mode", "resize_size", "interpolation", "mean", "std")
         differ = [f"{f}: given {getattr(self.spec, f)!r}, served {getattr(served, f)!r}"
                   for f in fields if getattr(self.spec, f) != getattr(served, f)]
         if differ:

@@ -1,9 +1,10 @@
-"""Embedder: files or arrays in, vectors out, decoding overlapped with inference.
+"""Embedder: files in, vectors out, decoding overlapped with inference.
 
 `iter_embed` streams: worker threads load and decode items (Pillow releases the GIL while
 decoding) while the calling thread runs the backend on the previous batch. At most
 `2 * batch_size` decoded items are in flight, so memory stays bounded whatever the number of
 items, and results come out in input order, one per item, a failed decode as its `DecodeError`.
+Arrays already decoded go straight to `backend.embed`, which takes any batch size.
 """
 
 from __future__ import annotations
@@ -50,14 +51,6 @@ class Embedder:
     @property
     def spec(self) -> ModelSpec:
         return self.backend.spec
-
-    def embed_arrays(self, arrays: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] -> float32 [N, D], in batches of `batch_size`."""
-        arrays = np.asarray(arrays)
-        if len(arrays) == 0:
-            return np.zeros((0, self.spec.embedding_dim), dtype=np.float32)
-        parts = [self.backend.embed(arrays[i : i + self.batch_size]) for i in range(0, len(arrays), self.batch_size)]
-        return np.concatenate(parts).astype(np.float32, copy=False)
 
     def embed_sources(self, sources: list[Source]) -> list[np.ndarray | DecodeError]:
         """One result per source: its vector [D], or the `DecodeError` that stopped it."""

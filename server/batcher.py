@@ -49,8 +49,9 @@ BatchObserver = Callable[[int, float], None]  # (batch size, seconds in the mode
 class MicroBatcher:
     """`await submit_many(arrays)` -> one float32 vector per array, computed in batches by `fn`.
 
-    `fn(batch uint8 [N, H, W, 3]) -> float32 [N, D]` runs in a single worker thread. Use from one
-    event loop: `start()` inside it, `stop()` before it closes.
+    `fn(batch uint8 [N, H, W, 3]) -> float32 [N, D]` runs in a single worker thread with N at most
+    `max_batch_size`; the server passes `Backend.embed` itself. Use from one event loop: `start()`
+    inside it, `stop()` before it closes.
     """
 
     def __init__(

@@ -121,8 +121,9 @@ def open_resources(settings: Settings, metrics: Metrics, backend: Backend | None
         if owns_backend:
             backend.close()
         raise
+    # the backend itself: the batcher's batches are at most batch_size, the backend's own limit
     batcher = MicroBatcher(
-        embedder.embed_arrays,
+        backend.embed,
         max_batch_size=settings.batch_size,
         max_wait_s=settings.batch_wait_ms / 1000.0,
         queue_max=settings.queue_max,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -141,6 +142,49 @@ def decode_b64(images: list[ImageB64], max_files: int) -> list[Upload]:
             err = ErrorItem(reason="invalid_base64", message=f"not valid base64: {e}", index=i, filename=img.filename)
             uploads.append(Upload(i, img.filename, None, err))
     return uploads
+
+
+@dataclass
+class ImageBody(Generic[M]):
+    """A request that carries images: multipart parts, or a JSON body with base64 images.
+
+    Multipart: `uploads` are the file parts, `fields` the other form fields, `json_body` None.
+    JSON: `json_body` is the validated model, `uploads` the images `read_image_body` took from it.
+    """
+
+    uploads: list[Upload]
+    fields: dict[str, str]
+    json_body: M | None
+
+    def one(self, part: str = "file") -> Upload:
+        """The request's only image; 422 when it has none."""
+        if len(self.uploads) != 1:
+            raise ApiError(422, "no_images", f"send exactly one image in the `{part}` part")
+        return self.uploads[0]
+
+
+async def read_image_body(
+    request: Request,
+    json_model: type[M],
+    json_images: Callable[[M], list[ImageB64]],
+    *,
+    file_fields: tuple[str, ...] = ("file",),
+    max_images: int = 1,
+) -> ImageBody[M]:
+    """The images of an embed, search or add-item request, however they were sent.
+
+    Multipart: every part named in `file_fields` is an image. JSON: validated as `json_model`, whose
+    base64 images `json_images` picks out (none, for a search by vector or id). More than
+    `max_images` images is a 413; any other content type a 415.
+    """
+    kind = content_type(request)
+    if kind == MULTIPART:
+        form = await read_multipart(request, file_fields=file_fields, max_files=max_images)
+        return ImageBody(form.uploads, form.fields, None)
+    if kind == JSON:
+        body = await read_json(request, json_model)
+        return ImageBody(decode_b64(json_images(body), max_images), {}, body)
+    raise unsupported(request)
 
 
 def request_body(

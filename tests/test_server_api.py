@@ -323,3 +323,25 @@ def test_malformed_bodies_are_4xx(client: TestClient) -> None:
             assert 400 <= r.status_code < 500, (path, ctype, body, r.status_code, r.text)
             assert r.json()["reason"]
     assert client.post("/v1/search", json={"id": 2**64}).status_code == 422
+
+
+def test_search_and_items_read_one_image_the_same_way(client: TestClient) -> None:
+    """server/bodies.py's `read_image_body`, through the routes: multipart or base64 JSON alike."""
+    image = CIFAR_TRAIN[5]
+    b64 = {"data": base64.b64encode(image.read_bytes()).decode(), "filename": image.name}
+    added = client.post("/v1/items", json={"image": b64, "metadata": {"via": "json"}})
+    assert added.status_code == 201 and added.json()["item"]["metadata"] == {"via": "json", "filename": image.name}
+    by_json = client.post("/v1/search", json={"image": b64, "k": 1}).json()
+    by_form = client.post("/v1/search", files=_files([image], "file"), data={"k": "1"}).json()
+    assert by_json["query"] == by_form["query"] == "image"
+    assert by_json["neighbours"][0]["id"] == by_form["neighbours"][0]["id"] == added.json()["item"]["id"]
+    assert by_json["neighbours"][0]["score"] == pytest.approx(by_form["neighbours"][0]["score"], abs=1e-6)
+    for route, extra in (("/v1/search", {"k": 1}), ("/v1/items", {})):
+        r = client.post(route, data={"k": "1"}, files=[("other", ("x.txt", b"not the file part"))])
+        assert r.status_code == 422 and r.json()["reason"] == "no_images", route
+        r = client.post(route, files=_files(CIFAR_TEST[:2], "file"))
+        assert r.status_code == 413 and r.json()["reason"] == "too_many_images", route
+        r = client.post(route, json={"image": {"data": "@@not base64@@"}, **extra})
+        assert r.status_code == 422 and r.json()["reason"] == "invalid_base64", route
+        r = client.post(route, content=b"raw", headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and r.json()["reason"] == "unsupported_media_type", route

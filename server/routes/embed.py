@@ -6,18 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from server.bodies import (
-    BINARY,
-    JSON,
-    MULTIPART,
-    Upload,
-    content_type,
-    decode_b64,
-    read_json,
-    read_multipart,
-    request_body,
-    unsupported,
-)
+from server.bodies import BINARY, Upload, read_image_body, request_body
 from server.errors import ERROR_RESPONSES, ApiError, ErrorItem
 from server.pipeline import error_for
 from server.schemas import EmbedJSON, EmbedResponse, EmbedResult
@@ -29,16 +18,12 @@ _BODY = request_body({"files": {"type": "array", "items": BINARY}}, ["files"], E
 
 
 async def read_uploads(request: Request, max_images: int) -> list[Upload]:
-    kind = content_type(request)
-    if kind == MULTIPART:
-        uploads = (await read_multipart(request, file_fields=("files", "file"), max_files=max_images)).uploads
-    elif kind == JSON:
-        uploads = decode_b64((await read_json(request, EmbedJSON)).images, max_images)
-    else:
-        raise unsupported(request)
-    if not uploads:
+    body = await read_image_body(
+        request, EmbedJSON, lambda j: j.images, file_fields=("files", "file"), max_images=max_images
+    )
+    if not body.uploads:
         raise ApiError(422, "no_images", "no images in the request: send one or more `files` parts")
-    return uploads
+    return body.uploads
 
 
 @router.post(

@@ -18,20 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from embed.decode import DecodeError
 from server.auth import require_write_key
-from server.bodies import (
-    BINARY,
-    JSON,
-    MULTIPART,
-    Upload,
-    check_metadata,
-    content_type,
-    decode_b64,
-    parse_metadata,
-    read_json,
-    read_multipart,
-    request_body,
-    unsupported,
-)
+from server.bodies import BINARY, Upload, check_metadata, parse_metadata, read_image_body, request_body
 from server.errors import ERROR_RESPONSES, ApiError
 from server.items_view import item_out
 from server.schemas import Deleted, Item, ItemCreated, ItemJSON
@@ -50,16 +37,10 @@ _BODY = request_body(
 
 
 async def _read_item(request: Request) -> tuple[Upload, dict[str, Any]]:
-    kind = content_type(request)
-    if kind == MULTIPART:
-        body = await read_multipart(request, file_fields=("file",), max_files=1)
-        if len(body.uploads) != 1:
-            raise ApiError(422, "no_images", "send exactly one image in the `file` part")
-        return body.uploads[0], parse_metadata(body.fields.get("metadata"))
-    if kind == JSON:
-        item = await read_json(request, ItemJSON)
-        return decode_b64([item.image], 1)[0], check_metadata(item.metadata)
-    raise unsupported(request)
+    body = await read_image_body(request, ItemJSON, lambda item: [item.image])
+    if body.json_body is None:  # multipart: `file` and the `metadata` field (JSON text)
+        return body.one(), parse_metadata(body.fields.get("metadata"))
+    return body.one(), check_metadata(body.json_body.metadata)
 
 
 async def _durable(res: Resources) -> None:

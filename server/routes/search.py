@@ -8,17 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from server.bodies import (
-    BINARY,
-    JSON,
-    MULTIPART,
-    content_type,
-    decode_b64,
-    read_json,
-    read_multipart,
-    request_body,
-    unsupported,
-)
+from server.bodies import BINARY, read_image_body, request_body
 from server.errors import ERROR_RESPONSES, ApiError
 from server.items_view import neighbour_out
 from server.schemas import SearchJSON, SearchResponse
@@ -65,18 +55,17 @@ def _query_vector(values: list[float], dim: int) -> np.ndarray:
     openapi_extra=_BODY,
 )
 async def search(request: Request, res: Annotated[Resources, Depends(get_resources)]) -> SearchResponse:
-    settings, kind = res.settings, content_type(request)
-    if kind == MULTIPART:
-        body = await read_multipart(request, file_fields=("file",), max_files=1)
-        if len(body.uploads) != 1:
-            raise ApiError(422, "no_images", "send exactly one image in the `file` part")
+    settings = res.settings
+    body = await read_image_body(request, SearchJSON, lambda q: [] if q.image is None else [q.image])
+    q = body.json_body
+    if q is None:  # multipart: `file` and `k`
+        upload = body.one()
         k = _parse_k(body.fields.get("k"), settings.max_k)
-        query, what = (await res.pipeline.embed_one(body.uploads[0])).vector, "image"
-    elif kind == JSON:
-        q = await read_json(request, SearchJSON)
+        query, what = (await res.pipeline.embed_one(upload)).vector, "image"
+    else:
         k = _check_k(q.k, settings.max_k)
-        if q.image is not None:
-            query, what = (await res.pipeline.embed_one(decode_b64([q.image], 1)[0])).vector, "image"
+        if body.uploads:
+            query, what = (await res.pipeline.embed_one(body.uploads[0])).vector, "image"
         elif q.vector is not None:
             query, what = _query_vector(q.vector, res.spec.embedding_dim), "vector"
         else:
@@ -85,7 +74,5 @@ async def search(request: Request, res: Annotated[Resources, Depends(get_resourc
             if stored is None:
                 raise ApiError(404, "not_found", f"no item with id {q.id}")
             query, what = np.asarray(stored, dtype=np.float32), "id"
-    else:
-        raise unsupported(request)
     (hits,) = await run_in_threadpool(res.index.search, query.reshape(1, -1), k)
     return SearchResponse(k=k, query=what, neighbours=[neighbour_out(h) for h in hits])

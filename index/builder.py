@@ -14,6 +14,15 @@ One run:
 4. drop the records of files that are gone; commit; return the JSON summary.
 
 Nothing that is committed is embedded again by a rerun, since its path, size and mtime match.
+
+The folder's items are those with paths relative to the indexed root. Items added through the
+server have absolute paths (their bytes are under INDEX/uploads/): a build never treats them as
+files gone from the folder, and an index the server created (no root yet) takes the folder as its
+root on the first build.
+
+The index must belong to the model (index/identity.py), else the build stops with a one-line
+error; with `reembed` every item is first re-embedded with the new model and the index switched
+to it atomically (index/reembed.py), then the folder is brought up to date as usual.
 """
 
 from __future__ import annotations
@@ -32,7 +41,10 @@ from embed.backends.base import Backend
 from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
 from embed.embedder import Embedder, default_decode_workers
 from embed.spec import ModelSpec
+from index import identity
+from index.identity import IndexModelMismatch
 from index.records import IndexedFile
+from index.reembed import reembed_index
 from index.scan import IMAGE_EXTENSIONS, FileJob, read_and_hash, scan_folder
 from index.schema import DB_FILE, IndexDirError
 from index.store import ImageIndex
@@ -52,38 +64,40 @@ class BuildConfig:
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     index_mode: str = "auto"
     rehash: bool = False  # hash every file, not only those whose size or mtime changed
+    reembed: bool = False  # an index of another model: re-embed every item with this one first
     progress: bool = True
 
 
-def check_model(index: ImageIndex, spec: ModelSpec) -> None:
-    """Refuse to mix vectors of two models in one index."""
-    st = index.stats()
-    built = (st["model_name"], st["model_version"], st["dim"])
-    given = (spec.name, spec.version, spec.embedding_dim)
-    if built != given:
-        raise IndexDirError(
-            f"{index.directory} was built with model {built[0]!r} v{built[1]} (dim {built[2]}), not "
-            f"{given[0]!r} v{given[1]} (dim {given[2]}); use that model, or a new --out directory"
-        )
-
-
-def open_index_for(cfg: BuildConfig, spec: ModelSpec, model_source: dict[str, Any]) -> ImageIndex:
+def open_index_for(cfg: BuildConfig, spec: ModelSpec) -> tuple[ImageIndex, bool]:
+    """The index at `cfg.out` opened (or created) for this folder and model, and whether it must be
+    re-embedded first (only with `cfg.reembed`; without it another model's index is refused)."""
     root = str(Path(cfg.folder).resolve())
-    if (Path(cfg.out) / DB_FILE).is_file():
-        index = ImageIndex.open(cfg.out)
-    else:
+    created = not (Path(cfg.out) / DB_FILE).is_file()
+    if created:
         index = ImageIndex.create(cfg.out, spec.embedding_dim, model_name=spec.name, model_version=spec.version,
                                   root=root, index_mode=cfg.index_mode)
+    else:
+        index = ImageIndex.open(cfg.out)
     try:
-        check_model(index, spec)
-        if index.stats()["root"] != root:
-            raise IndexDirError(f"{cfg.out} indexes the folder {index.stats()['root']}, not {root}")
-    except IndexDirError:
+        reembed = False
+        if cfg.reembed and not created:
+            try:  # a legacy index (no fingerprint) cannot prove it is this model's: re-embed it too
+                reembed = identity.check(index.meta, spec, directory=cfg.out) != identity.SAME
+            except IndexModelMismatch:
+                reembed = True
+        if not reembed:
+            index.bind_model(spec)  # IndexModelMismatch: the one-line error of `index build`
+        indexed_root = index.meta.get("root") or ""
+        if indexed_root != root:
+            if indexed_root:
+                raise IndexDirError(f"{cfg.out} indexes the folder {indexed_root}, not {root}")
+            index.adopt_root(root)  # created by the server, which has no folder
+            index.commit()
+    except BaseException:
+        index.rollback()
         index.close()
         raise
-    if index.info().get("model_source") != model_source:
-        index.set_info(model_source=model_source)
-    return index
+    return index, reembed
 
 
 @dataclass
@@ -103,24 +117,36 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
     spec = backend.spec
     root = Path(cfg.folder)
     on_disk = scan_folder(root, cfg.extensions)
-    index = open_index_for(cfg, spec, model_source or {})
+    embedder = Embedder(backend, batch_size=cfg.batch_size, decode_workers=cfg.decode_workers,
+                        max_pixels=cfg.max_pixels)
+    index, needs_reembed = open_index_for(cfg, spec)
     try:
-        indexed = {f.path: f for f in index.files()}
+        reembedded: dict[str, Any] | None = None
+        if needs_reembed:
+            reembedded = reembed_index(index, embedder, root=index.meta["root"], commit_every=cfg.commit_every,
+                                       progress=cfg.progress)
+        elif cfg.reembed:
+            reembedded = {"skipped": "the index already belongs to this model"}
+        if index.info().get("model_source") != (model_source or {}):
+            index.set_info(model_source=model_source or {})
+        # the folder's items only: uploads through the server (absolute paths) are not its files
+        indexed = {f.path: f for f in index.files() if not os.path.isabs(f.path)}
         gone = {p: r for p, r in indexed.items() if p not in on_disk}
         gone_by_sha = {r.sha256: r for r in gone.values()}
         todo = [FileJob(p, s.size, s.mtime) for p, s in on_disk.items()
                 if cfg.rehash or p not in indexed or (indexed[p].size, indexed[p].mtime) != (s.size, s.mtime)]
         summary: dict[str, Any] = {
             "folder": str(root.resolve()), "index": str(Path(cfg.out).resolve()),
-            "model": {"name": spec.name, "version": spec.version, "dim": spec.embedding_dim},
+            "model": {"name": spec.name, "version": spec.version, "dim": spec.embedding_dim,
+                      "fingerprint": spec.fingerprint},
             "scanned": len(on_disk), "unchanged": len(on_disk) - len(todo), "added": 0, "updated": 0,
             "touched": 0, "moved": 0, "removed": 0, "embedded": 0,
             "skipped_duplicates": [], "failed": [],
         }
+        if reembedded is not None:
+            summary["reembed"] = reembedded
         run = _Run(summary)
         seen: dict[str, str] = {}
-        embedder = Embedder(backend, batch_size=cfg.batch_size, decode_workers=cfg.decode_workers,
-                            max_pixels=cfg.max_pixels)
 
         def to_embed():
             for job in read_and_hash(root, todo, workers=2, window=2 * cfg.batch_size):

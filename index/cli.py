@@ -1,13 +1,15 @@
 """`simsearch index build|query|stats|remove`.
 
-    simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR
+    simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR [--reembed]
     simsearch index build FOLDER --triton-url localhost:8001 [--protocol grpc|http] --out INDEX_DIR
     simsearch index query IMAGE --index INDEX_DIR -k 10 [--json]
     simsearch index stats --index INDEX_DIR
     simsearch index remove --index INDEX_DIR ID... | --path PATH...
 
 `query` embeds with the model that built the index (remembered in the index) unless --model or
---triton-url says otherwise; a different model (name, version, dimension) is refused.
+--triton-url says otherwise. An index belongs to one model (its fingerprint, index/identity.py):
+another model is refused with a one-line error (exit 2); `build --reembed` re-embeds every item
+with the new model and switches the index to it atomically.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
 from embed.embedder import default_decode_workers
 from embed.preprocess import load_image_array
 from embed.spec import ModelDirError
-from index.builder import BuildConfig, build_index, check_model, resolve_model_source
+from index import identity
+from index.builder import BuildConfig, build_index, resolve_model_source
 from index.schema import IndexDirError
 from index.store import ImageIndex
 from index.vector_index import INDEX_MODES
@@ -59,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: exact (flat) up to 50,000 vectors, IVF above; set when the index is created")
     b.add_argument("--rehash", action="store_true",
                    help="read and sha256 every file, also those whose size and mtime did not change")
+    b.add_argument("--reembed", action="store_true",
+                   help="the index belongs to another model (e.g. before retraining): re-embed every item, "
+                   "uploads included, with this model, then switch to it atomically; readers keep the old "
+                   "vectors until then, and a killed run resumes")
     b.add_argument("--summary", default=None, help="write the JSON summary to this file instead of stdout")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -99,7 +106,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         cfg = BuildConfig(
             folder=args.folder, out=args.out, batch_size=args.batch_size, decode_workers=args.decode_workers,
             commit_every=args.commit_every, max_pixels=args.max_pixels, index_mode=args.index_type,
-            rehash=args.rehash, progress=not args.no_progress,
+            rehash=args.rehash, reembed=args.reembed, progress=not args.no_progress,
         )
         summary = build_index(cfg, backend, source)
     finally:
@@ -120,7 +127,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
     with ImageIndex.open(args.index) as index:
         backend, _ = _open_backend(args, index)
         try:
-            check_model(index, backend.spec)
+            identity.check(index.meta, backend.spec, directory=args.index)
             array, _ = load_image_array(args.image, backend.spec)
             vector = backend.embed(array[None])
         finally:
@@ -164,6 +171,8 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # which backend loaded is -v detail; an error then stays the one line on stderr
+        logging.getLogger("embed").setLevel(logging.WARNING)
     commands = {"build": _cmd_build, "query": _cmd_query, "stats": _cmd_stats, "remove": _cmd_remove}
     try:
         return commands[args.command](args)

@@ -9,6 +9,8 @@ from typing import Any
 DB_FILE = "index.sqlite"
 FORMAT = "simsearch-index"
 FORMAT_VERSION = 1
+# images added through the server are stored here, content-addressed; their items have absolute paths
+UPLOADS_DIR = "uploads"
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,6 +29,17 @@ CREATE TABLE items (
 );
 CREATE INDEX items_path ON items (path);
 CREATE INDEX items_sha256 ON items (sha256);
+"""
+
+# A re-embedding in progress (`index build --reembed`): the new model's vectors, filled in committed
+# batches beside `items` and invisible to readers until one transaction swaps them in. Created on
+# demand, so indexes made before it existed need no migration.
+_REEMBED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reembed_vectors (
+    id INTEGER PRIMARY KEY,               -- an items.id
+    vector BLOB,                          -- float32 little-endian; NULL: the item is dropped at the switch
+    error TEXT                            -- why it is dropped (JSON: path, reason, message)
+);
 """
 
 
@@ -55,3 +68,7 @@ def write_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
         "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
         [(k, json.dumps(v)) for k, v in values.items()],
     )
+
+
+def ensure_reembed_table(conn: sqlite3.Connection) -> None:
+    conn.execute(_REEMBED_SCHEMA)

@@ -6,14 +6,25 @@
       vectors.<G>.faiss       a cache of the FAISS index, written atomically after commit number G
 
 Every `commit()` is one SQLite transaction that also increments the generation G; only then is the
-FAISS file for G written (temporary file + fsync + os.replace). On open, a missing FAISS file for
-the current G (a crash between the two steps) or one whose size disagrees with the rows is rebuilt
-from the rows. So after kill -9 at any moment the directory opens, and the FAISS ids are exactly
-the SQLite row ids. Changes not yet committed are lost by a crash, never half-applied.
+FAISS file for G written (embed/atomic.py: temporary file + fsync + os.replace). On open, a missing
+FAISS file for the current G (a crash between the two steps) or one whose size disagrees with the
+rows is rebuilt from the rows. So after kill -9 at any moment the directory opens, and the FAISS
+ids are exactly the SQLite row ids. Changes not yet committed are lost by a crash, never half-applied.
 
 Thread safety: a readers-writer lock; searches and reads run concurrently, writes are exclusive.
 Several processes may write one index (SQLite serialises their transactions); a writer that finds
-another's commit reloads first, and `refresh()` lets a long-lived reader pick up others' commits.
+another's commit reloads first. `refresh()` lets a long-lived reader pick up others' commits: the
+new generation is loaded on a private connection with no lock held and swapped in under a short
+write lock, so searches never wait for a load (index/generation.py).
+
+Model identity (index/identity.py): the metadata records the model that wrote the vectors
+(`model_fingerprint`, `model_name`, `model_version`, `dim`), a `vector_generation` number and a
+`model_history` entry per vector generation. A handle told its model with `bind_model` refuses
+every write (IndexModelMismatch) once the index belongs to another model, e.g. after another
+process's `--reembed` switch, so vectors of two models never meet in one index. A re-embedding
+fills the table `reembed_vectors` in committed batches (`begin_reembed`, `stage_reembed`); readers
+keep the old vectors until `switch_reembed` swaps all of them, the identity and the generation in
+one transaction.
 """
 
 from __future__ import annotations
@@ -24,23 +35,43 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
+from embed.spec import ModelSpec
+from index import identity
 from index import vector_index as vi
 from index.dir_init import create_in_place
-from index.faiss_file import faiss_path, remove_stale, write_faiss
+from index.faiss_file import write_faiss
+from index.generation import Snapshot, load_index, read_committed, rebuild
+from index.identity import IndexModelMismatch, ModelIdentity
 from index.records import COLUMNS, Hit, IndexedFile, ItemRecord, record_from_row, record_values
 from index.rwlock import RWLock
-from index.schema import DB_FILE, FORMAT, FORMAT_VERSION, IndexDirError, read_meta, write_meta
+from index.schema import (
+    DB_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    IndexDirError,
+    ensure_reembed_table,
+    read_meta,
+    write_meta,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Hit", "ImageIndex", "IndexDirError", "ItemRecord"]
+WRITE_LOCK_TIMEOUT_S = 60.0  # longest wait for another process's write transaction
+_LOCK_POLL_S = 0.05
+
+__all__ = ["Hit", "ImageIndex", "IndexDirError", "IndexModelMismatch", "ItemRecord", "Snapshot"]
+
+# what the item a re-embedding could not embed again becomes: dropped, with this record in the summary
+Dropped = dict[str, Any]  # {"id", "path", "reason", "message"}
+Staged = tuple[int, "np.ndarray | None", "Dropped | None"]
+
 
 class ImageIndex:
     """Vectors + records; see the module docstring for the files and the crash-safety argument."""
@@ -51,12 +82,18 @@ class ImageIndex:
         self._db = threading.Lock()  # one connection: calls on it are serialised
         self._rw = RWLock()
         self._in_tx = False
+        self._fresh_tx = False  # a transaction begun by _acquire_tx, not yet caught up
         self._closed = False
-        self.meta = read_meta(conn)
-        if self.meta.get("format") != FORMAT or int(self.meta.get("format_version", -1)) != FORMAT_VERSION:
-            raise IndexDirError(f"{directory} is not a {FORMAT} v{FORMAT_VERSION} index directory")
-        self.dim = int(self.meta["dim"])
-        self._index = self._load_or_rebuild()
+        self._model: ModelIdentity | None = None  # the model this handle writes vectors of
+        conn.execute("BEGIN")  # meta and rows of one commit
+        try:
+            self.meta = read_meta(conn)
+            if self.meta.get("format") != FORMAT or int(self.meta.get("format_version", -1)) != FORMAT_VERSION:
+                raise IndexDirError(f"{directory} is not a {FORMAT} v{FORMAT_VERSION} index directory")
+            self.dim = int(self.meta["dim"])
+            self._index = load_index(directory, conn, self.meta, write=True)
+        finally:
+            conn.execute("ROLLBACK")
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -99,68 +136,149 @@ class ImageIndex:
             return idx
         return cls.create(directory, dim, **kw)
 
-    def _load_or_rebuild(self, write: bool = True) -> faiss.Index:
-        generation = int(self.meta["generation"])
-        path = faiss_path(self.directory, generation)
-        count = self._conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        if path.is_file():
-            try:
-                index = faiss.read_index(str(path))
-                if index.ntotal == count and index.d == self.dim:
-                    remove_stale(self.directory, keep=path.name)
-                    return index
-                logger.warning("%s has %d vectors for %d rows: rebuilding", path, index.ntotal, count)
-            except RuntimeError as e:
-                logger.warning("cannot read %s (%s): rebuilding", path, e)
-        index = self._rebuild()
-        if not write:
-            return index
+    @property
+    def generation(self) -> int:
+        """The commit this handle's vectors are from."""
+        return int(self.meta["generation"])
+
+    @property
+    def model(self) -> ModelIdentity:
+        """The model that wrote the vectors, as the index records it."""
+        return ModelIdentity.of_index(self.meta)
+
+    # -- model identity ----------------------------------------------------------------------
+    def bind_model(self, spec: ModelSpec | ModelIdentity) -> str:
+        """Declare the model whose vectors this handle writes; returns the verdict of `identity.check`.
+
+        Raises IndexModelMismatch when the index belongs to another model. An index with no
+        fingerprint yet (just created, or built before fingerprints existed) records this one's.
+        From now on every write on this handle is refused once the index belongs to another model.
+        """
+        given = spec if isinstance(spec, ModelIdentity) else ModelIdentity.of_spec(spec)
+        with self._rw.write(), self._db:
+            verdict = identity.check(self.meta, given, directory=self.directory)
+            self._model = given
+            fresh = not self.meta.get("model_history") and self._index.ntotal == 0
+        if verdict == identity.ADOPT:
+            if not fresh:
+                identity.warn_if_unverified(verdict, self.directory, given)
+            self._adopt(given, adopted=not fresh)
+        else:
+            identity.warn_if_unverified(verdict, self.directory, given)
+        return verdict
+
+    def _adopt(self, given: ModelIdentity, *, adopted: bool) -> None:
         try:
-            write_faiss(index, self.directory, generation)
-        except OSError as e:  # a read-only directory still opens
-            logger.warning("cannot write %s: %s", path, e)
-        return index
+            self._acquire_tx()
+            with self._rw.write(), self._db:
+                self._begin()  # re-checks against the latest commit
+                if not self.meta.get("model_fingerprint"):
+                    updates = {"model_fingerprint": given.fingerprint, "vector_generation": 1,
+                               "model_history": [_history_entry(given, 1, self.generation, adopted=adopted)]}
+                    write_meta(self._conn, updates)
+                    self.meta.update(updates)
+            self.commit()
+        except sqlite3.OperationalError as e:  # a read-only index still serves
+            self.rollback()
+            logger.warning("cannot record the model fingerprint in %s: %s", self.directory, e)
 
-    def _empty_index(self) -> faiss.Index:
-        if self.meta["index_kind"] == "ivf":
-            row = self._conn.execute("SELECT value FROM blobs WHERE key='ivf_trained'").fetchone()
-            if row is None:
-                raise IndexDirError(f"{self.directory}: IVF index without its trained quantizer")
-            return vi.deserialize(row[0])
-        return vi.new_flat(self.dim)
+    def _check_model(self, meta: Mapping[str, Any]) -> None:
+        if self._model is not None:
+            identity.check(meta, self._model, directory=self.directory)
 
-    def _rebuild(self) -> faiss.Index:
-        index = self._empty_index()
-        cur = self._conn.execute("SELECT id, vector FROM items ORDER BY id")
-        while rows := cur.fetchmany(20_000):
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), self.dim)
-            index.add_with_ids(vecs, ids)
-        return index
+    # -- following other processes' commits --------------------------------------------------
+    def peek_meta(self) -> dict[str, Any]:
+        """The metadata as committed on disk now (cheap: one small query)."""
+        with self._db:
+            return read_meta(self._conn)
+
+    def load_committed(self) -> Snapshot:
+        """The latest commit's metadata and FAISS index, loaded with no lock held (slow part of refresh)."""
+        return read_committed(self.directory)
+
+    def swap_in(self, snapshot: Snapshot, *, model: ModelSpec | ModelIdentity | None = None) -> bool:
+        """Serve `snapshot` from now on (a short write lock); `model` rebinds the handle to the
+        model that wrote it. False (nothing changed) when this handle is at that commit or later,
+        or has uncommitted writes of its own."""
+        given = model if model is None or isinstance(model, ModelIdentity) else ModelIdentity.of_spec(model)
+        if (target := given or self._model) is not None:
+            identity.check(snapshot.meta, target, directory=self.directory)
+        with self._rw.write():
+            if self._closed or self._in_tx or snapshot.generation <= self.generation:
+                return False
+            self.meta, self.dim, self._index = dict(snapshot.meta), int(snapshot.meta["dim"]), snapshot.index
+            if given is not None:
+                self._model = given
+        logger.info("%s: now serving commit %d (%d vectors)", self.directory, snapshot.generation,
+                    snapshot.index.ntotal)
+        return True
+
+    def refresh(self) -> bool:
+        """Pick up commits made by another process (e.g. `index build` while a server runs).
+
+        Raises IndexModelMismatch, keeping what it has, when the new commit belongs to another
+        model than the bound one (the caller decides: load that model, or report it).
+        """
+        if self._closed:
+            return False
+        meta = self.peek_meta()
+        if int(meta["generation"]) == self.generation:
+            return False
+        self._check_model(meta)
+        return self.swap_in(self.load_committed())
 
     # -- writing -----------------------------------------------------------------------------
+    def _acquire_tx(self) -> None:
+        """Wait for SQLite's write lock holding none of ours: while another process (`index build`)
+        holds it, this handle's searches and reads go on; only the write waits."""
+        deadline = time.monotonic() + WRITE_LOCK_TIMEOUT_S
+        while True:
+            with self._db:
+                if self._closed or self._in_tx:
+                    return  # _begin reports a closed index; an open transaction is ours already
+                self._conn.execute(f"PRAGMA busy_timeout = {int(_LOCK_POLL_S * 1000)}")
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._in_tx = self._fresh_tx = True
+                    return
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                finally:
+                    self._conn.execute(f"PRAGMA busy_timeout = {int(WRITE_LOCK_TIMEOUT_S * 1000)}")
+            time.sleep(_LOCK_POLL_S)
+
     def _begin(self) -> None:
+        """Open the write transaction (SQLite's write lock) and catch up with other processes."""
         if self._closed:
             raise IndexDirError(f"index {self.directory} is closed")
         if not self._in_tx:
             self._conn.execute("BEGIN IMMEDIATE")
-            self._in_tx = True
-            self._catch_up()
+            self._in_tx = self._fresh_tx = True
+        if self._fresh_tx:
+            try:
+                self._catch_up()
+            except BaseException:  # e.g. IndexModelMismatch: nothing was written, keep what we serve
+                self._conn.execute("ROLLBACK")
+                self._in_tx = self._fresh_tx = False
+                raise
+            self._fresh_tx = False
 
     def _catch_up(self) -> bool:
-        """Another process committed since we last looked: reload the metadata and the vectors."""
+        """Another process committed since we last looked: reload the metadata and the vectors.
+
+        A handle bound to a model refuses (IndexModelMismatch) before reloading anything when the
+        index now belongs to another model, so it never adds its vectors to the new generation.
+        """
         generation = json.loads(self._conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
         if generation == self.meta["generation"]:
             return False
+        meta = read_meta(self._conn)
+        self._check_model(meta)
         logger.info("%s changed on disk (commit %s -> %s): reloading", self.directory, self.meta["generation"], generation)
-        self.meta = read_meta(self._conn)
-        self._index = self._load_or_rebuild(write=not self._in_tx)
+        self.meta, self.dim = meta, int(meta["dim"])
+        self._index = load_index(self.directory, self._conn, meta, write=not self._in_tx)
         return True
-
-    def refresh(self) -> bool:
-        """Pick up commits made by another process (e.g. `index build` while a server runs)."""
-        with self._rw.write(), self._db:
-            return False if self._in_tx or self._closed else self._catch_up()
 
     def add(self, vectors: np.ndarray, records: Iterable[ItemRecord | Mapping[str, Any]]) -> list[int]:
         """Add vectors [N, D] with their records; returns the new ids. Durable after `commit()`."""
@@ -170,6 +288,7 @@ class ImageIndex:
             raise ValueError(f"expected vectors [{len(values)}, {self.dim}], got {list(vectors.shape)}")
         if not len(values):
             return []
+        self._acquire_tx()
         with self._rw.write(), self._db:
             self._begin()
             ids = []
@@ -186,6 +305,7 @@ class ImageIndex:
         ids = sorted({int(i) for i in ids})
         if not ids:
             return 0
+        self._acquire_tx()
         with self._rw.write(), self._db:
             self._begin()
             removed = 0
@@ -206,6 +326,7 @@ class ImageIndex:
             fields["metadata"] = json.dumps(fields["metadata"] or {}, sort_keys=True)
         if not fields:
             return self.get(id) is not None
+        self._acquire_tx()
         with self._rw.write(), self._db:
             self._begin()
             sets = ", ".join(f"{k} = ?" for k in fields)
@@ -217,13 +338,26 @@ class ImageIndex:
         with self._rw.write(), self._db:
             if not self._in_tx:
                 return
+            if self._fresh_tx:  # begun by a write that has not caught up yet: nothing to commit
+                self._conn.execute("ROLLBACK")
+                self._in_tx = self._fresh_tx = False
+                return
             self._maybe_retrain()
             generation = int(self.meta["generation"]) + 1
-            write_meta(self._conn, {"generation": generation})
+            write_meta(self._conn, {"generation": generation, "committed_at": time.time()})
             self._conn.execute("COMMIT")
             self._in_tx = False
             self.meta["generation"] = generation
-            write_faiss(self._index, self.directory, generation)
+        # Writing the cache reads the index only: searches go on meanwhile. A later commit that
+        # got in first writes its own file; this one is then not needed.
+        with self._rw.read():
+            if self.generation != generation or self._closed:
+                return
+            try:
+                write_faiss(self._index, self.directory, generation)
+            except OSError as e:  # the commit stands: the next open rebuilds the cache from the rows
+                logger.warning("commit %d of %s is durable, but its FAISS cache file is not: %s",
+                               generation, self.directory, e)
 
     save = commit
 
@@ -233,9 +367,10 @@ class ImageIndex:
             if not self._in_tx:
                 return
             self._conn.execute("ROLLBACK")
-            self._in_tx = False
+            self._in_tx = self._fresh_tx = False
             self.meta = read_meta(self._conn)
-            self._index = self._load_or_rebuild()
+            self.dim = int(self.meta["dim"])
+            self._index = load_index(self.directory, self._conn, self.meta, write=True)
 
     def _maybe_retrain(self) -> None:
         n = self._index.ntotal
@@ -275,10 +410,152 @@ class ImageIndex:
 
     def set_info(self, **values: Any) -> None:
         """Free-form facts about the index (e.g. which model built it), saved with the next commit."""
+        self._acquire_tx()
         with self._rw.write(), self._db:
             self._begin()
             write_meta(self._conn, {f"info.{k}": v for k, v in values.items()})
             self.meta.update({f"info.{k}": v for k, v in values.items()})
+
+    def adopt_root(self, root: str) -> None:
+        """Give an index created without a folder (by the server) the folder it indexes; with the next commit."""
+        self._acquire_tx()
+        with self._rw.write(), self._db:
+            self._begin()
+            current = self.meta.get("root") or ""
+            if current and current != root:
+                raise IndexDirError(f"{self.directory} indexes the folder {current}, not {root}")
+            write_meta(self._conn, {"root": root})
+            self.meta["root"] = root
+
+    # -- re-embedding into a new vector generation (driven by index/reembed.py) ---------------
+    @contextmanager
+    def _side_tx(self, target: ModelIdentity) -> Iterator[sqlite3.Connection]:
+        """A transaction on the side table only: no generation, readers see nothing of it."""
+        with self._db:
+            if self._closed or self._in_tx:
+                raise IndexDirError(f"{self.directory}: finish (commit) the pending changes before re-embedding")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                ensure_reembed_table(self._conn)
+                current = read_meta(self._conn).get("reembed") or {}
+                if current and current.get("target") != target.as_meta():
+                    raise IndexDirError(f"{self.directory}: another re-embedding (into "
+                                        f"{ModelIdentity.of_index(current['target']).describe()}) started meanwhile")
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def begin_reembed(self, spec: ModelSpec) -> int:
+        """Start re-embedding every item with `spec`'s model, or resume the one already started for
+        it; returns how many items have their new vector already. Another model's unfinished
+        re-embedding is discarded."""
+        target = ModelIdentity.of_spec(spec)
+        with self._db:
+            current = read_meta(self._conn).get("reembed") or {}
+        if current and current.get("target") != target.as_meta():
+            logger.warning("%s: discarding an unfinished re-embedding into %s", self.directory,
+                           ModelIdentity.of_index(current["target"]).describe())
+            with self._db:
+                self._conn.execute("BEGIN IMMEDIATE")
+                ensure_reembed_table(self._conn)
+                self._conn.execute("DELETE FROM reembed_vectors")
+                write_meta(self._conn, {"reembed": {}})
+                self._conn.execute("COMMIT")
+        with self._side_tx(target) as conn:
+            if not (read_meta(conn).get("reembed") or {}):
+                conn.execute("DELETE FROM reembed_vectors")
+                state = {"target": target.as_meta(), "started_at": time.time()}
+                write_meta(conn, {"reembed": state})
+                self.meta["reembed"] = state
+            return int(conn.execute("SELECT COUNT(*) FROM reembed_vectors r JOIN items i ON i.id = r.id")
+                       .fetchone()[0])
+
+    def reembed_pending(self) -> list[IndexedFile]:
+        """Items that have no vector of the new model yet (items added meanwhile included)."""
+        with self._rw.read():
+            rows = self._query("SELECT i.id, i.path, i.size, i.mtime, i.sha256 FROM items i "
+                               "LEFT JOIN reembed_vectors r ON r.id = i.id WHERE r.id IS NULL ORDER BY i.id")
+        return [IndexedFile(*r) for r in rows]
+
+    def stage_reembed(self, spec: ModelSpec, staged: Iterable[Staged]) -> int:
+        """Store new vectors (or the reason an item is dropped) in one committed batch."""
+        target = ModelIdentity.of_spec(spec)
+        with self._side_tx(target) as conn:
+            return self._stage(conn, target, staged)
+
+    def _stage(self, conn: sqlite3.Connection, target: ModelIdentity, staged: Iterable[Staged]) -> int:
+        n = 0
+        for item_id, vector, dropped in staged:
+            if vector is not None:
+                vector = np.asarray(vector, dtype="<f4")
+                if vector.shape != (target.dim,):
+                    raise ValueError(f"expected a vector of {target.dim} values, got {list(vector.shape)}")
+            conn.execute("INSERT OR REPLACE INTO reembed_vectors (id, vector, error) VALUES (?, ?, ?)",
+                         (int(item_id), None if vector is None else vector.tobytes(),
+                          None if vector is not None else json.dumps(dropped or {})))
+            n += 1
+        return n
+
+    def switch_reembed(self, spec: ModelSpec, embed_missing: Callable[[list[IndexedFile]], list[Staged]]) -> dict[str, Any]:
+        """The atomic switch: one transaction swaps every vector, the model identity and the vector
+        generation. Items still without a new vector (added meanwhile, e.g. by a server) are embedded
+        here, under the write lock, by `embed_missing`; items that could not be embedded are dropped.
+        Returns {"reembedded", "dropped": [...], "vector_generation"}; this handle is then bound to `spec`'s model.
+        """
+        target = ModelIdentity.of_spec(spec)
+        if self._in_tx:
+            raise IndexDirError(f"{self.directory}: commit the pending changes before the switch")
+        bound, began, ok = self._model, False, False
+        try:
+            with self._rw.write(), self._db:
+                self._model = None  # the index changes hands here: no check against the old model
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._in_tx = began = True
+                self._catch_up()
+                ensure_reembed_table(self._conn)
+                state = self.meta.get("reembed") or {}
+                if state.get("target") != target.as_meta():
+                    raise IndexDirError(f"{self.directory}: no re-embedding into {target.describe()} in progress")
+                missing = [IndexedFile(*r) for r in self._conn.execute(
+                    "SELECT i.id, i.path, i.size, i.mtime, i.sha256 FROM items i "
+                    "LEFT JOIN reembed_vectors r ON r.id = i.id WHERE r.id IS NULL ORDER BY i.id")]
+                if missing:
+                    logger.info("embedding %d items added during the re-embedding", len(missing))
+                    self._stage(self._conn, target, embed_missing(missing))
+                dropped = [{"id": i, **json.loads(e)} for i, e in self._conn.execute(
+                    "SELECT r.id, r.error FROM reembed_vectors r JOIN items i ON i.id = r.id "
+                    "WHERE r.vector IS NULL ORDER BY r.id")]
+                self._conn.execute("DELETE FROM items WHERE id IN (SELECT id FROM reembed_vectors WHERE vector IS NULL)")
+                reembedded = self._conn.execute(
+                    "UPDATE items SET vector = (SELECT r.vector FROM reembed_vectors r WHERE r.id = items.id)").rowcount
+                self._conn.execute("DELETE FROM reembed_vectors")
+                vector_generation = int(self.meta.get("vector_generation") or 1) + 1
+                history = list(self.meta.get("model_history") or [])
+                history.append(_history_entry(target, vector_generation, self.generation + 1))
+                updates: dict[str, Any] = {**target.as_meta(), "vector_generation": vector_generation,
+                                           "model_history": history, "reembed": {}}
+                if self.meta["index_kind"] == "ivf":
+                    # the quantizer was trained on the old vectors: flat now, and the usual rule
+                    # (`_maybe_retrain`, at the commit below) trains a new IVF on the new vectors
+                    updates.update(index_kind="flat", trained_on=0, nlist=0, nprobe=0)
+                    self._conn.execute("DELETE FROM blobs WHERE key='ivf_trained'")
+                write_meta(self._conn, updates)
+                self.meta.update(updates)
+                self.dim = target.dim
+                self._index = rebuild(self._conn, self.meta, self.directory)
+                self._model = target
+            self.commit()
+            ok = True
+        finally:
+            if not ok:
+                self._model = bound
+                if began:
+                    self.rollback()
+        logger.info("%s: switched to %s (vector generation %d): %d re-embedded, %d dropped", self.directory,
+                    target.describe(), vector_generation, reembedded, len(dropped))
+        return {"reembedded": reembedded, "dropped": dropped, "vector_generation": vector_generation}
 
     def info(self) -> dict[str, Any]:
         with self._rw.read():
@@ -348,11 +625,11 @@ class ImageIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None]
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"expected queries [Q, {self.dim}], got {list(queries.shape)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        with self._rw.read():
+        with self._rw.read():  # the dimension is checked under the lock: a re-embedding may change it
+            if queries.ndim != 2 or queries.shape[1] != self.dim:
+                raise ValueError(f"expected queries [Q, {self.dim}], got {list(queries.shape)}")
             sp = vi.search_parameters(self.meta["index_kind"], params, {"nprobe": int(self.meta["nprobe"])})
             if self._index.ntotal == 0:
                 return [[] for _ in range(len(queries))]
@@ -378,7 +655,18 @@ class ImageIndex:
                 "flat_max": int(self.meta["flat_max"]), "nlist": int(self.meta["nlist"]),
                 "nprobe": int(self.meta["nprobe"]), "generation": int(self.meta["generation"]),
                 "model_name": self.meta["model_name"], "model_version": int(self.meta["model_version"]),
+                "model_fingerprint": self.meta.get("model_fingerprint") or "",
+                "vector_generation": int(self.meta.get("vector_generation") or 1),
+                "model_history": self.meta.get("model_history") or [],
+                "reembed_in_progress": self.meta.get("reembed") or None,
                 "root": self.meta["root"], "created_at": float(self.meta["created_at"]),
                 "uncommitted": self._in_tx, "bytes_on_disk": sum(p.stat().st_size for p in files),
                 "info": {k[5:]: v for k, v in self.meta.items() if k.startswith("info.")},
             }
+
+
+def _history_entry(model: ModelIdentity, vector_generation: int, commit: int, *, adopted: bool = False) -> dict[str, Any]:
+    entry = {"vector_generation": vector_generation, **model.as_meta(), "since_commit": commit, "at": time.time()}
+    if adopted:
+        entry["adopted"] = True  # recorded on first open by a model with a fingerprint, not proven
+    return entry

@@ -7,12 +7,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from extras_guard import popen_without, test_only_modules
 
 SAMPLE = Path(__file__).parent / "data" / "cifar10-sample" / "train"
 REPO = Path(__file__).resolve().parent.parent
@@ -25,10 +25,12 @@ def _free_port() -> int:
 
 
 def _demo(args: list[str], **kw) -> subprocess.Popen:
+    """`python -m simsearch demo` as `make demo` installs it: what only `make test` installs
+    (pytest, nvidia-pytriton, ...) cannot be imported."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "simsearch", "demo", "--no-progress", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
+    return popen_without(
+        test_only_modules(), "simsearch", ["demo", "--no-progress", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw,
     )  # fmt: skip
 
 

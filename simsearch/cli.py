@@ -19,6 +19,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "triton": ("tritonlocal.launcher", "serve a model directory with a local Triton server (CPU)"),
     "demo": ("simsearch.demo", "pretrain, export, index and serve a folder in one go"),
 }
+# pyproject.toml's extras each command needs besides the base install and an ONNX Runtime (cpu or gpu);
+# `index` needs `serve` only for --triton-url
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("train",), "eval": ("train",), "export": ("train",), "index": (), "serve": ("serve",),
+    "triton": ("serve", "triton"), "demo": ("serve", "train"),
+}
 
 
 def _usage() -> str:
@@ -42,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"simsearch: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:  # a serving-only install, or the API image (no PyTorch, no tritonlocal)
+        extras = ",".join(("cpu", *EXTRAS.get(name, ())))
+        print(f"simsearch {name}: module {e.name!r} is not installed; install what this command needs "
+              f"with: pip install '.[{extras}]'", file=sys.stderr)
+        return 2
     result = module.main(rest)
     return int(result or 0)
 

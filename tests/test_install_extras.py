@@ -92,3 +92,12 @@ def test_make_installs_each_extra_set_once(tmp_path: Path) -> None:
     for stamp in (".installed-demo", ".installed-test"):
         os.utime(venv / stamp, (older, older))
     assert len(pip_lines("test")) == 2
+
+
+def test_a_command_without_its_extra_says_what_to_install() -> None:
+    # a serving-only install (the API image): no PyTorch
+    result = run_without(["torch", "torchvision"], "simsearch", ["pretrain", "--help"], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "simsearch pretrain: module 'torch' is not installed" in result.stderr
+    assert "pip install '.[cpu,train]'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from server.auth import is_loopback, open_writes_refusal
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 FLAG_FIELDS = {
     "model": "model_dir",
     "index": "index_dir",
+    "images_dir": "images_dir",
     "triton_url": "triton_url",
     "triton_protocol": "triton_protocol",
     "triton_model": "triton_model_name",
@@ -33,6 +35,7 @@ FLAG_FIELDS = {
     "inference_nice": "inference_nice",
     "commit_interval_ms": "commit_interval_ms",
     "log_level": "log_level",
+    "allow_open_writes": "allow_open_writes",
 }
 
 
@@ -45,11 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="model directory (ONNX Runtime in-process, the default backend)")
     p.add_argument("--index", help="index directory (created when missing)")
+    p.add_argument("--images-dir", help="the indexed folder on this machine, when not where `index build` "
+                   "read it (relative paths of folder-indexed items resolve here)")
     p.add_argument("--backend", choices=("onnxruntime", "triton"), help="default: from --model / --triton-url")
     p.add_argument("--triton-url", help="Triton address, e.g. localhost:8001 (gRPC) or localhost:8000 (HTTP)")
     p.add_argument("--triton-protocol", choices=("grpc", "http"))
     p.add_argument("--triton-model", help="served model name (default: the model's own)")
-    p.add_argument("--host")
+    p.add_argument("--host", help="address to listen on; other than loopback it needs SIMSEARCH_API_KEY")
+    p.add_argument("--allow-open-writes", action="store_true", default=None,
+                   help="start on a non-loopback address without an API key (writes open to anyone)")
     p.add_argument("--port", type=int)
     p.add_argument("--batch-size", type=int, help="largest batch sent to the model")
     p.add_argument("--batch-wait-ms", type=float, help="longest wait for a batch to fill")
@@ -79,9 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError) as e:
         print(f"simsearch serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
+    refusal = open_writes_refusal(settings)
+    if refusal is not None:
+        print(f"simsearch serve: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.api_key is None and not is_loopback(settings.host):
+        log.warning("listening on %s with writes open to anyone (SIMSEARCH_ALLOW_OPEN_WRITES)", settings.host)
+    if settings.images_dir is not None and not settings.images_dir.is_dir():
+        log.warning("images_dir %s is not a directory: thumbnails of folder-indexed items will be 404 "
+                    "(uploaded items are unaffected)", settings.images_dir)
+    from server.state import preflight
+
+    mismatch = preflight(settings)  # an index of another model: this one line, not a traceback
+    if mismatch is not None:
+        print(f"simsearch serve: error: {mismatch}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from server.app import create_app

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     )
 
     index_dir: Path = Field(..., description="index directory (created when missing)")
+    images_dir: Path | None = Field(
+        None,
+        description="where the indexed folder is on this machine: relative paths of folder-indexed items "
+        "resolve here instead of the root recorded by `index build` (e.g. the images mounted elsewhere)",
+    )
 
     # dynamic batching
     batch_size: int = Field(32, ge=1, le=4096, description="largest batch sent to the model")
@@ -54,6 +59,11 @@ class Settings(BaseSettings):
 
     # writes
     api_key: SecretStr | None = Field(None, description="required for POST/DELETE /v1/items when set")
+    allow_open_writes: bool = Field(
+        False,
+        description="let a server on a non-loopback address start without api_key, its writes open to "
+        "anyone who reaches it (without this it refuses to start)",
+    )
     commit_interval_ms: int = Field(
         0,
         ge=0,
@@ -72,6 +82,13 @@ class Settings(BaseSettings):
     def _one_model_source(self) -> Settings:
         if (self.model_dir is None) == (self.triton_url is None):
             raise ValueError("set exactly one of model_dir (ONNX Runtime in-process) or triton_url (Triton)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_empty_key(self) -> Settings:
+        # an empty key would look configured to the start-up check yet protect nothing
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError("api_key is empty: set a real key, or leave it unset")
         return self
 
     @property

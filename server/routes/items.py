@@ -53,11 +53,13 @@ async def _durable(res: Resources) -> None:
 
 
 def _resolve(res: Resources, path: str) -> str:
-    """An indexed path as a file name: relative paths are under the index's root (or directory)."""
+    """An indexed path as a file name. Uploads are stored absolute; folder items relative to the
+    indexed folder: under `images_dir` when set (the folder is elsewhere on this machine than where
+    `index build` read it, e.g. another container's mount), else under the index's recorded root."""
     p = Path(path)
     if p.is_absolute():
         return str(p)
-    root = res.index.meta.get("root") or res.settings.index_dir
+    root = res.settings.images_dir or res.index.meta.get("root") or res.settings.index_dir
     return str(Path(root) / p)
 
 

@@ -20,6 +20,8 @@ RUN pip install '.[serve,cpu]' \
     && mkdir -p /index && chown simsearch /index
 
 USER simsearch
+# On every interface, so the server refuses to start without SIMSEARCH_API_KEY (or an explicit
+# SIMSEARCH_ALLOW_OPEN_WRITES=1): writes are never open to the network by accident.
 ENV SIMSEARCH_HOST=0.0.0.0 \
     SIMSEARCH_PORT=8080
 EXPOSE 8080

@@ -3,11 +3,16 @@ what `export` writes, what the server's settings accept and what the serving cod
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,7 @@ from embed.spec import TRITON_DIR
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-REQUIRED = ("MODEL_DIR", "INDEX_DIR")
+REQUIRED = ("MODEL_DIR", "INDEX_DIR", "SIMSEARCH_API_KEY")
 # the serving entry points: what the API image runs
 SERVING_MODULES = ("server.app", "server.cli", "index.cli", "embed.backends.triton", "embed.backends.onnxruntime")
 
@@ -56,7 +61,7 @@ def _load() -> dict:
 
 
 def test_compose_config_is_valid(tmp_path: Path) -> None:
-    result = _compose(tmp_path, {"MODEL_DIR": str(tmp_path / "model"), "INDEX_DIR": str(tmp_path / "index")})
+    result = _compose(tmp_path, {name: str(tmp_path / name.lower()) for name in REQUIRED})
     assert result.returncode == 0, result.stderr
 
 
@@ -155,3 +160,238 @@ def test_indexer_refuses_to_run_without_images_dir() -> None:
     result = subprocess.run(["sh", "-c", script], env={"IMAGES_DIR_GIVEN": "", "PATH": "/usr/bin:/bin"},
                             capture_output=True, text=True, timeout=10)
     assert result.returncode == 2 and "set IMAGES_DIR" in result.stderr
+
+
+# The deployment run for real, without Docker: the indexer's and then the api's command from
+# docker-compose.yml with their environment and volumes (tests/composekit.py: container paths stay
+# container paths, each service sees only what it mounts), as the compose `user:` (uid 10001), with
+# a real local Triton standing for the `triton` service. The index directory is pre-created empty
+# inside a folder that user cannot write, as a volume mount is (`/index`, parent `/`).
+KEY_FOR_TEST = "compose-test-key-4f1c"
+
+
+def _start_triton(model_dir: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`simsearch triton` (the bundled tritonserver, Python backend) for the `triton` service. It runs
+    as the test's user (root), as the compose service runs as its image's default user."""
+    from serverkit import free_port
+
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    log = open(work / "triton.out", "wb")  # noqa: SIM115 (closed by the child's exit)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simsearch", "triton", "--model", str(model_dir), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--threads", "1", "--work-dir", str(work / "triton")],
+        cwd=work, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return proc, f"127.0.0.1:{grpc}"
+        except OSError:
+            pass
+        time.sleep(0.3)
+    _stop(proc)
+    raise RuntimeError(f"local Triton not ready: {(work / 'triton.out').read_text()[-3000:]}")
+
+
+def _host_tree(base: Path, model_dir: Path, uid: int, gid: int) -> dict[str, str]:
+    """The host side: model and images, an empty index directory owned by the user inside `host/`,
+    which the user cannot write. Returns compose's environment."""
+    shutil.copytree(model_dir, base / "model")  # model_dir's parents are private to root (pytest tmp)
+    images = base / "images"
+    for cls_dir in sorted((ROOT / "tests" / "data" / "cifar10-sample" / "test").iterdir())[:5]:
+        (images / cls_dir.name).mkdir(parents=True)
+        for p in sorted(cls_dir.glob("*.jpg"))[:3]:
+            shutil.copy(p, images / cls_dir.name / p.name)
+    (base / "host" / "index").mkdir(parents=True)
+    os.chown(base / "host" / "index", uid, gid)  # `mkdir -p "$INDEX_DIR"` by the APP_UID user
+    for d in (base, base / "host"):
+        os.chmod(d, 0o755)
+    return {"MODEL_DIR": str(base / "model"), "INDEX_DIR": str(base / "host" / "index"),
+            "IMAGES_DIR": str(images), "SIMSEARCH_API_KEY": KEY_FOR_TEST}
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"api exited with {proc.returncode}: {log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"api not ready after {timeout_s} s: {log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+def _check_api(url: str, images: Path) -> None:
+    """Search, every thumbnail the page's grid asks for, and writes that need the key."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert "hit.thumbnail_url" in c.get("/static/app.js").text  # what the grid's <img> asks
+        query = images / "cat" / "0000.jpg"
+        r = c.post("/v1/search", files={"file": ("q.jpg", query.read_bytes())}, data={"k": "15"})
+        assert r.status_code == 200, r.text
+        hits = r.json()["neighbours"]
+        assert len(hits) == 15 and hits[0]["path"] == "cat/0000.jpg" and hits[0]["score"] > 0.999
+        for hit in hits:
+            t = c.get(hit["thumbnail_url"])
+            assert t.status_code == 200 and t.content[:2] == b"\xff\xd8", (hit["path"], t.text)
+        upload = {"file": ("new.jpg", (images / "bird" / "0001.jpg").read_bytes())}
+        assert c.post("/v1/items", files=upload).status_code == 401
+        assert c.post("/v1/items", files=upload, headers={"X-API-Key": "wrong"}).status_code == 401
+        r = c.post("/v1/items", files=upload, headers={"X-API-Key": KEY_FOR_TEST})
+        assert r.status_code == 201, r.text
+        item = r.json()["item"]
+        assert c.get(item["thumbnail_url"]).status_code == 200  # uploads keep their thumbnails
+        assert c.delete(f"/v1/items/{item['id']}").status_code == 401
+        assert c.delete(f"/v1/items/{item['id']}", headers={"X-API-Key": KEY_FOR_TEST}).status_code == 200
+
+
+@pytest.mark.slow
+def test_compose_services_run_as_their_user(model_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("runs the services as the compose user: needs root (CI runs the suite as root)")
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
+    from composekit import Containers, as_user, clean_environment, needs_read_capability, service_user
+    from serverkit import free_port
+
+    compose = _load()
+    base = Path(tempfile.mkdtemp(prefix="simsearch-compose-"))
+    triton = None
+    try:
+        uid, gid = service_user(compose, "api", {})
+        env = _host_tree(base, model_dir, uid, gid)
+        prefix = as_user(uid, gid, read_capability=needs_read_capability(uid, gid))
+        host = base / "host"
+        probe = subprocess.run([*prefix, "sh", "-c", f"touch {host}/probe"], capture_output=True, timeout=30)
+        assert probe.returncode != 0 and not (host / "probe").exists(), "the user can write the index's parent"
+        triton, triton_grpc = _start_triton(base / "model", base)
+        containers = Containers(compose, env, base / "ctr", {"triton:8001": triton_grpc})
+
+        # 1. the one-shot indexer, into the pre-created empty index directory
+        indexer = containers.service("indexer")
+        assert (indexer.uid, indexer.gid) == (uid, gid)
+        with containers.mounted(indexer):
+            run = subprocess.run([*prefix, *indexer.argv], cwd=base, env=clean_environment(indexer.environment),
+                                 capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        summary = json.loads(run.stdout)
+        assert summary["added"] == 15 and not summary["failed"], summary
+        assert sorted(p.name for p in host.iterdir()) == ["index"]  # nothing written beside it
+        assert all(p.stat().st_uid == uid for p in (host / "index").iterdir())
+        assert not list((base / "ctr").iterdir())  # nor at the container's top level
+
+        # 2. the api
+        api = containers.service("api")
+        port = free_port()  # stands for the published port
+        log = base / "api.log"
+        with containers.mounted(api), open(log, "wb") as out:
+            proc = subprocess.Popen([*prefix, *api.argv], cwd=base, stdout=out, stderr=subprocess.STDOUT,
+                                    env=clean_environment({**api.environment, "SIMSEARCH_PORT": str(port)}))
+            try:
+                _wait_ready(f"http://127.0.0.1:{port}", proc, log)
+                _check_api(f"http://127.0.0.1:{port}", Path(env["IMAGES_DIR"]))
+            finally:
+                # uvicorn re-raises SIGTERM once its clean shutdown is done
+                assert _stop(proc) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+        assert sorted(p.name for p in host.iterdir()) == ["index"]
+
+        # 3. the same api command on 0.0.0.0 without a key refuses to start, in one line
+        open_env = clean_environment({k: v for k, v in api.environment.items() if k != "SIMSEARCH_API_KEY"})
+        with containers.mounted(api):
+            refused = subprocess.run([*prefix, *api.argv], cwd=base, env=open_env, capture_output=True, text=True,
+                                     timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "SIMSEARCH_API_KEY" in refused.stderr
+        assert "0.0.0.0" in refused.stderr
+    finally:
+        if triton is not None:
+            _stop(triton)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- writes closed by default off loopback; thumbnails where the API sees the images ---------------
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"])
+def test_loopback_binds_start_without_a_key(host: str, tmp_path: Path) -> None:
+    from server.auth import open_writes_refusal
+    from server.settings import Settings
+
+    settings = Settings(triton_url="t:1", index_dir=tmp_path, host=host, _env_file=None)
+    assert open_writes_refusal(settings) is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.org"])
+def test_other_binds_need_a_key_or_an_explicit_override(host: str, tmp_path: Path) -> None:
+    from server.auth import open_writes_refusal
+    from server.settings import Settings
+
+    refusal = open_writes_refusal(Settings(triton_url="t:1", index_dir=tmp_path, host=host, _env_file=None))
+    assert refusal is not None and host in refusal and "SIMSEARCH_API_KEY" in refusal
+    assert "SIMSEARCH_ALLOW_OPEN_WRITES=1" in refusal
+    for extra in ({"api_key": "k"}, {"allow_open_writes": True}):
+        assert open_writes_refusal(Settings(triton_url="t:1", index_dir=tmp_path, host=host, _env_file=None,
+                                            **extra)) is None
+
+
+def test_serve_refuses_an_open_bind_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    for k in [k for k in os.environ if k.startswith("SIMSEARCH_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("SIMSEARCH_HOST", "0.0.0.0")
+    assert main(["--triton-url", "127.0.0.1:1", "--index", str(tmp_path / "index")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "refusing to listen on 0.0.0.0 without an API key" in err
+    assert not (tmp_path / "index").exists()  # refused before anything was opened
+    monkeypatch.setenv("SIMSEARCH_API_KEY", " ")
+    assert main(["--triton-url", "127.0.0.1:1", "--index", str(tmp_path / "index")]) == 2
+    assert "api_key is empty" in capsys.readouterr().err
+
+
+def test_images_dir_resolves_folder_items_indexed_elsewhere(model_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API runs where the indexed folder has another path: SIMSEARCH_IMAGES_DIR finds the files."""
+    from fastapi.testclient import TestClient
+
+    from index.cli import main as index_main
+    from server.app import create_app
+    from server.settings import Settings
+
+    for k in [k for k in os.environ if k.startswith("SIMSEARCH_")]:
+        monkeypatch.delenv(k)
+    where_indexed = tmp_path / "indexer-view"
+    for p in sorted((ROOT / "tests" / "data" / "cifar10-sample" / "test" / "dog").glob("*.jpg"))[:3]:
+        (where_indexed / "dog").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, where_indexed / "dog" / p.name)
+    assert index_main(["build", str(where_indexed), "--model", str(model_dir), "--out", str(tmp_path / "index"),
+                       "--no-progress"]) == 0
+    where_served = tmp_path / "api-view"
+    where_indexed.rename(where_served)  # the recorded root no longer holds the files
+
+    def thumbnail_statuses(**kw: object) -> list[int]:
+        app = create_app(Settings(model_dir=model_dir, index_dir=tmp_path / "index", _env_file=None, **kw))
+        with TestClient(app) as c:
+            hits = c.post("/v1/search", json={"id": 1, "k": 10}).json()["neighbours"]
+            assert {h["path"] for h in hits} == {f"dog/{p.name}" for p in (where_served / "dog").iterdir()}
+            return [c.get(h["thumbnail_url"]).status_code for h in hits]
+
+    assert thumbnail_statuses() == [404] * 3
+    assert thumbnail_statuses(images_dir=where_served) == [200] * 3

@@ -1,4 +1,8 @@
-"""Walk a folder for image files: relative path -> (size, mtime), hashing, and file jobs."""
+"""The folder indexer's view of a folder: relative path -> (size, mtime), hashing, and file jobs.
+
+Which files are images, hidden files, symlinks and case are decided once for every stage in
+`embed.files` (see its docstring); `scan_folder` is that walk keyed by relative path.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-# By extension, compared lower-case. Content decides the format when decoding; the extension only
-# decides which files are tried at all, so README.md or .DS_Store never show up as failures.
-IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".jpe", ".png", ".apng", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".avif",
-    ".heif", ".heic", ".ppm", ".pgm", ".pbm", ".pnm", ".jfif",
-)
+from embed import files
+
+# Compared lower-case. Content decides the format when decoding; the extension only decides which
+# files are tried at all, so README.md or .DS_Store never show up as failures.
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(sorted(files.IMAGE_EXTENSIONS))
 
 
 @dataclass(frozen=True)
@@ -34,29 +37,14 @@ class FileJob:
     error: OSError | None = None
 
 
-def scan_folder(root: str | os.PathLike[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, FileStat]:
-    """Every image file under `root` (recursive, hidden files and folders skipped), sorted by path."""
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a directory")
-    found: dict[str, FileStat] = {}
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue  # an unreadable sub-folder: its files simply are not there
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
-            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in extensions:
-                st = entry.stat()
-                rel = Path(entry.path).relative_to(root).as_posix()
-                found[rel] = FileStat(st.st_size, st.st_mtime)
-    return dict(sorted(found.items()))
+def scan_folder(root: str | os.PathLike[str], extensions: Iterable[str] = IMAGE_EXTENSIONS) -> dict[str, FileStat]:
+    """Every image file under `root` by the `embed.files` rules, sorted by relative path.
+
+    Raises NotADirectoryError (FileNotFoundError when missing) for a root that is not a folder;
+    broken links and unreadable sub-folders are logged and left out.
+    """
+    listing = files.walk_images(root, extensions)
+    return {f.rel: FileStat(f.size, f.mtime) for f in listing.files}
 
 
 def _read_and_hash(root: Path, job: FileJob) -> FileJob:

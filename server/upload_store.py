@@ -10,12 +10,11 @@ import os
 from pathlib import Path
 
 from embed.atomic import atomic_write_bytes
+from embed.files import IMAGE_EXTENSIONS
 
-# extensions kept from the client's filename; anything else is stored as ".img"
-# (decoding goes by content, never by extension)
-KNOWN_EXTENSIONS = frozenset(
-    {"jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff", "avif", "heic", "heif", "apng"}
-)
+# extensions kept from the client's filename (the project's one list, embed/files.py); anything else
+# is stored as ".img" (decoding goes by content, never by extension)
+KNOWN_EXTENSIONS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
 class UploadStore:

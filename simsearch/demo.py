@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     step(4, "serving")
     url = f"http://{args.host}:{args.port}"
-    example = next((str(p) for p in sorted(images.rglob("*")) if p.is_file()), "photo.jpg")
+    from embed.files import walk_images  # an image the indexer took, never a README or a hidden file
+
+    example = next((str(f.path) for f in walk_images(images).files), "photo.jpg")
     print(f"      search page:  {url}/")
     print(f"      API docs:     {url}/docs")
     print(f"      try:          curl -F 'file=@{example}' -F k=5 {url}/v1/search")

@@ -1,8 +1,10 @@
 """`simsearch eval CHECKPOINT --train DIR --test DIR`: kNN and linear-probe accuracy of the frozen encoder.
 
-Both folders need class sub-folders (the labels). Images are stored at the checkpoint's training
-resolution (shorter side + centre crop), normalised with its mean/std; features are l2-normalised.
-Prints one JSON object and writes it to --out (default: beside the checkpoint).
+Both folders need class sub-folders (the labels). Images go through the checkpoint's training rule
+(`pretrain.data.training_rule`: the same pixels `simsearch export` records in model.json, so these
+figures describe the served model), normalised with its mean/std; features are l2-normalised.
+Prints one JSON object and writes it to --out (default: beside the checkpoint); `--features-out`
+also saves every file's feature vector.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from pretrain.checkpoint import load_checkpoint
-from pretrain.data import ImageFolderData, load_folder
+from pretrain.data import ImageFolderData, load_folder, training_rule
 from pretrain.features import extract_features
 from pretrain.knn import knn_accuracy
 from pretrain.models import ModelConfig, build_encoder
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=2, help="decode threads")
     p.add_argument("--out", help="JSON output path (default: CHECKPOINT with .eval.json)")
+    p.add_argument("--features-out", metavar="NPZ", help="also save the features: train_paths, train_features, "
+                   "test_paths, test_features (float32, l2-normalised, in the order of the folder listing)")
     return p
 
 
@@ -59,8 +63,12 @@ def evaluate(
     probe_iters: int = 300,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
+    features: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """kNN top-1 and linear-probe top-1 (0..1) with the timings of each part."""
+    """kNN top-1 and linear-probe top-1 (0..1) with the timings of each part.
+
+    `features`, when given, receives the "train" and "test" feature tensors [N, D].
+    """
     if train.classes != test.classes or not train.classes:
         raise ValueError(f"train and test folders need the same class sub-folders; got {train.classes} and {test.classes}")
     t0 = time.time()
@@ -68,6 +76,8 @@ def evaluate(
     ftr = extract_features(encoder, train.images, data_cfg["mean"], data_cfg["std"], **kw)
     fte = extract_features(encoder, test.images, data_cfg["mean"], data_cfg["std"], **kw)
     t1 = time.time()
+    if features is not None:
+        features.update(train=ftr, test=fte)
     result: dict[str, Any] = {
         "knn_top1": knn_accuracy(ftr, train.labels, fte, test.labels, k=k, temperature=temperature),
         "k": k, "knn_temperature": temperature, "n_train": len(train), "n_test": len(test),
@@ -80,17 +90,32 @@ def evaluate(
     return result
 
 
+def save_features(path: str | Path, train: ImageFolderData, test: ImageFolderData,
+                  features: dict[str, torch.Tensor]) -> None:
+    """The features `evaluate` computed, with the file each row came from, as one .npz (written atomically)."""
+    import numpy as np
+
+    from embed.atomic import atomic_write
+
+    arrays = {"train_paths": np.array([str(p) for p in train.paths]), "train_features": features["train"].numpy(),
+              "test_paths": np.array([str(p) for p in test.paths]), "test_features": features["test"].numpy()}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    size = int(ckpt["config"]["data"]["image_size"])
-    train = load_folder(args.train, size, workers=args.workers)
-    test = load_folder(args.test, size, workers=args.workers)
+    rule = training_rule(int(ckpt["config"]["data"]["image_size"]))
+    train = load_folder(args.train, rule, workers=args.workers)
+    test = load_folder(args.test, rule, workers=args.workers)
+    features: dict[str, torch.Tensor] = {}
     result = evaluate(load_encoder(ckpt, device), ckpt["config"]["data"], train, test, k=args.k,
                       temperature=args.temperature, probe_iters=args.probe_iters, device=device,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, features=features)
+    if args.features_out:
+        save_features(args.features_out, train, test, features)
     result.update(checkpoint=str(args.checkpoint), step=int(ckpt["step"]),
                   skipped_files=len(train.failures) + len(test.failures))
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")

@@ -1,7 +1,8 @@
 """`simsearch export CHECKPOINT --out MODEL_DIR`: a checkpoint's encoder -> a verified model directory.
 
 Exit codes: 0 done; 1 the exported model failed verification; 2 a user mistake (missing or
-foreign checkpoint, unknown architecture, bad option). Errors are one line on stderr.
+foreign checkpoint, unknown architecture, bad option, no real images to verify on). Errors are one
+line on stderr.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=1, help="model version (the Triton version folder)")
     p.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (half-precision encoder)")
     p.add_argument("--verify-images", nargs="+", default=None, metavar="PATH",
-                   help="image files or folders for the parity check; default: an image folder named in the "
-                   "checkpoint's config (train.val_test), if it exists; synthetic images are always added")
+                   help="real image files or folders for the parity check; default: the folder the checkpoint "
+                   "was trained on (config data.folder), else its kNN folders (train.val_train, train.val_test). "
+                   "Without any that exists the export stops (exit 2); synthetic images are added, never a substitute")
     p.add_argument("--verify-limit", type=int, default=64, help="at most this many real images")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",

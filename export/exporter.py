@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # config entries that may name image folders: the default verification images when none are given
-IMAGE_DIR_KEYS = (("data", "root"), ("data", "folder"), ("train", "val_test"), ("train", "val_train"))
+# (the first that exists here): the training folder, then the kNN monitor's folders
+IMAGE_DIR_KEYS = (("data", "folder"), ("train", "val_train"), ("train", "val_test"))
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ExportConfig:
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     exporter: str = "dynamo"
-    verify_images: tuple[str, ...] = ()  # files or folders; empty: a folder named in the training config
+    verify_images: tuple[str, ...] = ()  # files or folders; empty: a folder named in the training config (required)
     verify_limit: int = 64
     fp32_tolerance: Tolerance = FP32_TOLERANCE
     fp16_tolerance: Tolerance = FP16_TOLERANCE
@@ -108,14 +109,18 @@ def build_spec(config: dict[str, Any], encoder: nn.Module, checkpoint: Path, cfg
         raise ExportError(f"model name {name!r} must match {NAME_RE.pattern} (it names a Triton model)")
     if cfg.version < 1:
         raise ExportError(f"version must be >= 1, got {cfg.version}")
+    from pretrain.data import training_rule
+
+    rule = training_rule(size)  # the pixels pretraining and `eval` saw: every consumer applies it from model.json
     return ModelSpec(
         name=name,
         version=cfg.version,
-        input_height=size,
-        input_width=size,
+        input_height=rule.height,
+        input_width=rule.width,
         embedding_dim=int(encoder.feature_dim),
-        resize_mode="shorter_side_center_crop",
-        resize_size=size,
+        resize_mode=rule.mode,
+        resize_size=rule.resize_size,
+        interpolation=rule.interpolation,
         mean=mean,  # type: ignore[arg-type]
         std=std,  # type: ignore[arg-type]
         checkpoint_sha256=sha256_file(checkpoint),
@@ -123,16 +128,34 @@ def build_spec(config: dict[str, Any], encoder: nn.Module, checkpoint: Path, cfg
     )
 
 
+def verification_sources(config: dict[str, Any], cfg: ExportConfig) -> list[str]:
+    """`verify_images`, else the first image folder the training config names that exists here."""
+    if cfg.verify_images:
+        return list(cfg.verify_images)
+    named = [(f"{section}.{key}", s.get(key)) for section, key in IMAGE_DIR_KEYS
+             if isinstance(s := config.get(section), dict)]
+    named = [(k, v) for k, v in named if isinstance(v, str) and v]
+    for _key, folder in named:
+        if Path(folder).is_dir():
+            return [folder]
+    tried = ", ".join(f"{k}={v} (not found)" for k, v in named) or "it names none"
+    raise ExportError("no images to verify the export on: the checkpoint's config names no image folder "
+                      f"that exists here ({tried}); pass --verify-images FOLDER_OR_FILES")
+
+
 def verification_set(spec: ModelSpec, config: dict[str, Any], cfg: ExportConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    sources = list(cfg.verify_images)
-    if not sources:
-        found = [s.get(key) for section, key in IMAGE_DIR_KEYS if isinstance(s := config.get(section), dict)]
-        sources = [v for v in found if isinstance(v, str) and v and Path(v).is_dir()][:1]
-    real, _names = load_images(list_images(sources, cfg.verify_limit), spec)
+    """Real images (required: at least one must decode) plus synthetic extras for odd inputs."""
+    sources = verification_sources(config, cfg)
+    paths = list_images(sources, cfg.verify_limit)
+    real, _names, skipped = load_images(paths, spec)
     if not len(real):
-        log.warning("no real images for verification (pass verify_images); checking parity on synthetic ones only")
+        why = f"none of the {len(paths)} image files could be decoded" if paths else "no image files found"
+        first = f" (first: {skipped[0][0]}: {' '.join(skipped[0][1].split())})" if skipped else ""  # one line
+        raise ExportError(f"no images to verify the export on: {why} in {', '.join(map(str, sources))}{first}; "
+                          "pass --verify-images with real images")
     images = np.concatenate([real, synthetic_images(spec)])
-    return images, {"real": len(real), "synthetic": len(images) - len(real), "sources": sources}
+    return images, {"real": len(real), "synthetic": len(images) - len(real), "skipped": len(skipped),
+                    "sources": sources}
 
 
 def make_config(**options: Any) -> ExportConfig:

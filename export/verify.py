@@ -1,9 +1,10 @@
 """Verification that is part of every export: ONNX checker, then ONNX Runtime against PyTorch.
 
-Both sides see the same uint8 arrays: real images put through the model directory's own resize
-rule (`embed.preprocess`, the code every client uses) plus a few synthetic ones. The PyTorch
-reference normalises with its own code (not the exported wrapper), so a wrong mean/std order or
-layout inside the graph shows up as a parity failure too.
+Both sides see the same uint8 arrays: real images (at least one is required) put through the model
+directory's own resize rule (`embed.preprocess`, the code every client and pretraining use), plus a
+few synthetic ones as an addition (noise and gradients: inputs far from any training image). The
+PyTorch reference normalises with its own code (not the exported wrapper), so a wrong mean/std order
+or layout inside the graph shows up as a parity failure too.
 
 Figures, per variant: worst and mean cosine similarity between the two embeddings of each image,
 max abs difference of the (l2-normalised) values, and the max abs difference between a row
@@ -28,9 +29,6 @@ from export.errors import ExportError, VerificationError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif")
-
-
 @dataclass(frozen=True)
 class Tolerance:
     """Pass bounds for one variant: cosine at least `min_cosine`, |diff| at most `max_abs_diff`."""
@@ -45,18 +43,20 @@ FP16_TOLERANCE = Tolerance(min_cosine=0.999, max_abs_diff=5e-3)
 
 
 def list_images(sources: Sequence[str | os.PathLike[str]], limit: int) -> list[Path]:
-    """Image files named by `sources` (files, or folders searched recursively), about `limit` in all.
+    """Image files named by `sources` (files, or folders walked by `embed.files`), about `limit` in all.
 
     Each folder gets an equal share of `limit`, taken evenly spread over its sorted listing, so
     every folder, and every class subfolder of a dataset, is represented.
     """
+    from embed.files import walk_images
+
     folders = [Path(s) for s in sources if Path(s).is_dir()]
     share = max(1, limit // max(1, len(folders)))
     found: list[Path] = []
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            files = [f.path for f in walk_images(p).files]
             if len(files) > share:
                 step = len(files) / share
                 files = [files[int(i * step)] for i in range(share)]
@@ -68,24 +68,25 @@ def list_images(sources: Sequence[str | os.PathLike[str]], limit: int) -> list[P
     return found
 
 
-def load_images(paths: Sequence[Path], spec: ModelSpec) -> tuple[np.ndarray, list[str]]:
-    """Decode + resize (the clients' rule); files that cannot be decoded are skipped."""
+def load_images(paths: Sequence[Path], spec: ModelSpec) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Decode + resize (the clients' rule); returns (arrays, their paths, (path, reason) of the files skipped)."""
     from embed.decode import DecodeError
     from embed.preprocess import load_image_array
 
-    arrays, names = [], []
+    arrays, names, skipped = [], [], []
     for p in paths:
         try:
             arr, _ = load_image_array(p, spec)
         except DecodeError as e:
             log.debug("verification: skipping %s (%s)", p, e)
+            skipped.append((str(p), str(e)))
             continue
         arrays.append(arr)
         names.append(str(p))
     h, w = spec.input_size
     if not arrays:
-        return np.zeros((0, h, w, 3), np.uint8), names
-    return np.stack(arrays), names
+        return np.zeros((0, h, w, 3), np.uint8), names, skipped
+    return np.stack(arrays), names, skipped
 
 
 def synthetic_images(spec: ModelSpec, n: int = 4, seed: int = 0) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The pretraining config: one typed dataclass with nested sections, strict about unknown keys.
 
 Saved as `config.json` beside the checkpoints and, as a plain dict, inside every checkpoint.
-`export/` reads `config["model"]` and `config["data"]["image_size" | "mean" | "std"]`.
+`export/` reads `config["model"]` and `config["data"]["image_size" | "mean" | "std" | "folder"]`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class DataConfig:
     in_memory: bool = True  # decode once into one uint8 tensor [N, 3, S, S]; else stream with workers
     workers: int = 2  # decode threads (in-memory) or DataLoader workers (streaming)
     max_images: int = 0  # 0: all
+    # the folder trained on (absolute), set by `simsearch pretrain` from its argument, not a flag:
+    # `simsearch export` verifies the exported model on these images when given no --verify-images
+    folder: str = field(default="", metadata={"flag": False})
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -186,6 +189,8 @@ def add_config_flags(parser: Any) -> None:
     for name, cls in SECTIONS.items():
         group = parser.add_argument_group(name)
         for f in dataclasses.fields(cls):
+            if not f.metadata.get("flag", True):
+                continue
             value = getattr(getattr(defaults, name), f.name)
             flag = "--" + f.name.replace("_", "-")
             kw: dict[str, Any] = {"dest": f"{name}.{f.name}", "default": None, "help": f"{name}.{f.name} (default: {value})"}

@@ -153,12 +153,12 @@ def test_triton_cpu_and_no_tensorrt(exported, tmp_path) -> None:
 def test_failed_verification_keeps_the_old_model(tmp_path) -> None:
     ckpt = make_checkpoint(tmp_path / "a.pt", seed=3)
     out = tmp_path / "model"
-    export_model(ckpt, out, exporter="torchscript", triton=None)
+    export_model(ckpt, out, exporter="torchscript", triton=None, verify_images=VERIFY, verify_limit=8)
     before = (out / MODEL_JSON).read_text()
     impossible = Tolerance(min_cosine=1.5, max_abs_diff=1.0)
     with pytest.raises(VerificationError, match="worst cosine"):
         export_model(make_checkpoint(tmp_path / "b.pt", seed=4), out, exporter="torchscript", triton=None,
-                     fp32_tolerance=impossible)
+                     fp32_tolerance=impossible, verify_images=VERIFY, verify_limit=8)
     assert (out / MODEL_JSON).read_text() == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
@@ -170,7 +170,8 @@ def test_dynamo_failure_falls_back_to_torchscript(tmp_path, monkeypatch) -> None
         raise RuntimeError("simulated exporter failure")
 
     monkeypatch.setattr(export.graph, "_export_dynamo", broken)
-    spec = export_model(make_checkpoint(tmp_path / "c.pt"), tmp_path / "m", triton=None)
+    spec = export_model(make_checkpoint(tmp_path / "c.pt"), tmp_path / "m", triton=None, verify_images=VERIFY,
+                        verify_limit=8)
     assert spec.extra["exporter"] == {"fp32": "torchscript"} and spec.parity["fp32"]["worst_cosine"] >= 0.9999
 
 

@@ -91,3 +91,50 @@ def test_default_verification_images_come_from_the_training_config(tmp_path: Pat
     images = ModelSpec.load(tmp_path / "m").parity["images"]
     assert images["sources"] == [messy] and images["real"] > 10
     assert not (tmp_path / "m" / "triton").exists()
+
+
+def _checkpoint_with(tmp_path: Path, name: str, **sections: dict) -> Path:
+    """make_checkpoint's weights with extra config entries, e.g. data={"folder": ...}."""
+    ckpt = torch.load(make_checkpoint(tmp_path / "c.pt"), weights_only=True)
+    for section, values in sections.items():
+        ckpt["config"].setdefault(section, {}).update(values)
+    return save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "format_version")}, tmp_path / name)
+
+
+def test_the_training_folder_is_the_default_verification_set(tmp_path: Path) -> None:
+    cifar = str(Path(__file__).parent / "data" / "cifar10-sample" / "test")
+    messy = str(Path(__file__).parent / "data" / "messy")
+    path = _checkpoint_with(tmp_path, "f.pt", data={"folder": cifar}, train={"val_test": messy})
+    assert main([str(path), "--out", str(tmp_path / "m"), "--exporter", "torchscript", "--no-triton",
+                 "--verify-limit", "20", "-q"]) == 0
+    images = ModelSpec.load(tmp_path / "m").parity["images"]
+    assert images["sources"] == [cifar] and images["real"] == 20 and images["synthetic"] == 4
+
+
+def test_export_refuses_without_real_images(tmp_path: Path, capsys) -> None:
+    # no --verify-images and a config that names no image folder: no synthetic-only fallback
+    err = _run_error([str(make_checkpoint(tmp_path / "c.pt")), "--out", str(tmp_path / "m")], capsys)
+    assert "no images to verify" in err and "--verify-images" in err
+    # a training folder that is not on this machine is named in the message
+    gone = _checkpoint_with(tmp_path, "g.pt", data={"folder": "/data/moved-away"})
+    err = _run_error([str(gone), "--out", str(tmp_path / "m")], capsys)
+    assert "data.folder=/data/moved-away (not found)" in err and "--verify-images" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_refuses_when_no_verification_image_decodes(tmp_path: Path, capsys) -> None:
+    messy = Path(__file__).parent / "data" / "messy"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("broken.png", "empty_file.jpg", "not_an_image.png"):
+        (bad / name).write_bytes((messy / name).read_bytes())
+    (bad / "notes.txt").write_text("not an image, not even tried")
+    ckpt = str(make_checkpoint(tmp_path / "c.pt"))
+    err = _run_error([ckpt, "--out", str(tmp_path / "m"), "--verify-images", str(bad)], capsys)
+    assert "none of the 3 image files could be decoded" in err and "--verify-images" in err
+    (tmp_path / "empty").mkdir()
+    err = _run_error([ckpt, "--out", str(tmp_path / "m"), "--verify-images", str(tmp_path / "empty")], capsys)
+    assert "no image files found" in err
+    err = _run_error([ckpt, "--out", str(tmp_path / "m"), "--verify-images", str(tmp_path / "nowhere")], capsys)
+    assert "not found" in err and "nowhere" in err
+    assert not (tmp_path / "m").exists()

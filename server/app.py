@@ -1,4 +1,8 @@
-"""`create_app(settings)`: the FastAPI application, its resources opened in `lifespan`."""
+"""`create_app(settings)`: the FastAPI application, its resources opened in `lifespan`.
+
+The index watcher (server/live_index.py) runs for the app's lifetime, so commits other processes
+make to the index (`index build`, another server) are served without a restart.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from embed.backends.base import Backend
+from index.identity import IndexModelMismatch
 from server.body_limit import BodySizeLimitMiddleware
-from server.errors import install_error_handlers
+from server.errors import ErrorResponse, install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
 from server.routes import embed, health, items, page, search
 from server.schemas import EmbedJSON, ItemJSON, SearchJSON
@@ -45,6 +51,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         res = await run_in_threadpool(open_resources, settings, metrics, backend)
         res.batcher.start()
         res.committer.start()
+        res.watcher.start()
         app.state.resources = res
         log.info(
             "serving model %s v%d (%s) with %d indexed items from %s",
@@ -69,6 +76,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     app.state.metrics = metrics
     app.state.resources = None
     install_error_handlers(app)
+    app.add_exception_handler(IndexModelMismatch, _model_mismatch)
     for module in (embed, search, items, health, page):
         app.include_router(module.router)
     page.mount_static(app)
@@ -82,6 +90,14 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _install_openapi(app)
     return app
+
+
+async def _model_mismatch(request: Request, exc: Exception) -> JSONResponse:
+    """A write after the index changed hands (a --reembed switch): refused by the store, never
+    written with the old model. Retry: the server follows the switch within seconds when its
+    model directory (or Triton) has the new model; else it stays not ready (see /readyz)."""
+    body = ErrorResponse(detail=str(exc), reason="model_mismatch")
+    return JSONResponse(body.model_dump(mode="json"), status_code=503, headers={"Retry-After": "2"})
 
 
 def _install_openapi(app: FastAPI) -> None:

@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     if refusal is not None:
         print(f"simsearch serve: {refusal}", file=sys.stderr)
         return 2
+    from server.state import preflight
+
+    mismatch = preflight(settings)  # an index of another model: this one line, not a traceback
+    if mismatch is not None:
+        print(f"simsearch serve: error: {mismatch}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -98,12 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     if settings.images_dir is not None and not settings.images_dir.is_dir():
         log.warning("images_dir %s is not a directory: thumbnails of folder-indexed items will be 404 "
                     "(uploaded items are unaffected)", settings.images_dir)
-    from server.state import preflight
-
-    mismatch = preflight(settings)  # an index of another model: this one line, not a traceback
-    if mismatch is not None:
-        print(f"simsearch serve: error: {mismatch}", file=sys.stderr)
-        return 2
     import uvicorn
 
     from server.app import create_app

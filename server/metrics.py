@@ -44,6 +44,24 @@ class Metrics:
         self.decode_errors = Counter(
             "simsearch_decode_errors", "uploads that could not be decoded", ["reason"], registry=r
         )
+        # the live index (server/live_index.py)
+        self.index_generation = Gauge(
+            "simsearch_index_generation", "the index commit being served", registry=r
+        )
+        self.index_model_mismatch = Gauge(
+            "simsearch_index_model_mismatch",
+            "1 while the index belongs to another model than the one served (writes refused, not ready)",
+            registry=r,
+        )
+        self.index_reloads = Counter(
+            "simsearch_index_reloads",
+            "other processes' commits picked up: new vectors, or new vectors with a new model",
+            ["what"],
+            registry=r,
+        )
+        self.index_reload_seconds = Gauge(
+            "simsearch_index_reload_seconds", "how long the last pick-up took (load + swap)", registry=r
+        )
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -53,6 +71,10 @@ class Metrics:
         """Gauges read at scrape time from the live objects."""
         self.queue_depth.set_function(queue_depth)
         self.index_items.set_function(index_items)
+
+    def bind_index(self, *, generation: Callable[[], float], mismatch: Callable[[], float]) -> None:
+        self.index_generation.set_function(generation)
+        self.index_model_mismatch.set_function(mismatch)
 
 
 class MetricsMiddleware:

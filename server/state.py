@@ -1,11 +1,18 @@
-"""The long-lived objects one app holds, opened in `lifespan` and handed to routes by `get_resources`."""
+"""The long-lived objects one app holds, opened in `lifespan` and handed to routes by `get_resources`.
+
+The index handle is bound to the served model (index/identity.py): an index of another model is
+refused at start with the one-line IndexModelMismatch, and writes are refused by the store when the
+index changes hands while the server runs. The model is a LiveBackend, so the index watcher
+(server/live_index.py) can replace it together with the index after a `--reembed` switch.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import Request
@@ -13,11 +20,15 @@ from fastapi import Request
 from embed.backends import open_backend
 from embed.backends.base import Backend
 from embed.embedder import Embedder
-from embed.spec import ModelSpec
+from embed.spec import ModelSpec, model_dir_fingerprint
+from index import identity
+from index.identity import IndexModelMismatch
+from index.schema import DB_FILE, UPLOADS_DIR, read_meta
 from index.store import ImageIndex
 from server.batcher import MicroBatcher
 from server.committer import Committer
 from server.errors import ApiError
+from server.live_index import IndexWatcher, LiveBackend
 from server.metrics import Metrics
 from server.pipeline import EmbedPipeline
 from server.priority import lower_current_thread_priority
@@ -27,11 +38,7 @@ from server.upload_store import UploadStore
 
 log = logging.getLogger(__name__)
 
-UPLOADS_DIR = "uploads"
-
-
-class IndexModelMismatch(RuntimeError):
-    """The index was built with a different model than the one being served."""
+__all__ = ["UPLOADS_DIR", "IndexModelMismatch", "Resources", "get_resources", "open_resources", "preflight"]
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Resources:
     committer: Committer
     thumbnails: ThumbnailCache
     uploads: UploadStore
+    watcher: IndexWatcher
     owns_backend: bool = True
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -70,19 +78,46 @@ def open_backend_from(settings: Settings) -> Backend:
 
 
 def open_index(settings: Settings, spec: ModelSpec) -> ImageIndex:
-    index = ImageIndex.open_or_create(
-        settings.index_dir, spec.embedding_dim, model_name=spec.name, model_version=spec.version
-    )
-    stats = index.stats()
-    dim = stats.get("dim", spec.embedding_dim)
-    name = stats.get("model_name") or spec.name
-    if dim != spec.embedding_dim or name != spec.name:
+    """The index, bound to the served model; a new one (none at `index_dir` yet) adopts it."""
+    if (Path(settings.index_dir) / DB_FILE).is_file():
+        index = ImageIndex.open(settings.index_dir)
+    else:
+        index = ImageIndex.create(settings.index_dir, spec.embedding_dim, model_name=spec.name,
+                                  model_version=spec.version)
+    try:
+        index.bind_model(spec)  # IndexModelMismatch: the one-line error `simsearch serve` exits with
+    except BaseException:
         index.close()
-        raise IndexModelMismatch(
-            f"{settings.index_dir} holds {dim}-d vectors of model {name!r}, but the server runs "
-            f"{spec.name!r} ({spec.embedding_dim}-d): use an index built with this model"
-        )
+        raise
     return index
+
+
+def preflight(settings: Settings) -> str | None:
+    """The one-line reason the server cannot serve this index with this model, checked before
+    uvicorn starts (so it exits with that line, not a traceback); None when it can."""
+    db = Path(settings.index_dir) / DB_FILE
+    if not db.is_file():
+        return None
+    try:
+        if settings.model_dir is not None:
+            model_dir = Path(settings.model_dir).resolve()
+            spec = ModelSpec.load(model_dir)
+            spec = spec if spec.fingerprint else replace(spec, fingerprint=model_dir_fingerprint(model_dir, spec))
+        else:
+            backend = open_backend_from(settings)
+            spec = backend.spec
+            backend.close()
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            meta = read_meta(conn)
+        finally:
+            conn.close()
+        identity.check(meta, spec, directory=settings.index_dir)
+    except IndexModelMismatch as e:
+        return str(e)
+    except Exception as e:  # anything else surfaces where it always did, when the app starts
+        log.debug("preflight skipped: %s", e)
+    return None
 
 
 def _open_backend_at_lower_priority(settings: Settings) -> Backend:
@@ -108,7 +143,9 @@ def _open_backend_at_lower_priority(settings: Settings) -> Backend:
 def open_resources(settings: Settings, metrics: Metrics, backend: Backend | None = None) -> Resources:
     """Blocking: loads the model and opens the index (call from a worker thread)."""
     owns_backend = backend is None
-    backend = backend if backend is not None else _open_backend_at_lower_priority(settings)
+    # replaceable while serving: the watcher swaps in the new model after a --reembed switch
+    backend = LiveBackend(backend if backend is not None else _open_backend_at_lower_priority(settings),
+                          owned=owns_backend)
     try:
         embedder = Embedder(
             backend,
@@ -134,6 +171,16 @@ def open_resources(settings: Settings, metrics: Metrics, backend: Backend | None
         embedder.spec, batcher, metrics, max_pixels=settings.max_pixels, decode_workers=settings.decode_workers
     )
     metrics.bind(queue_depth=lambda: batcher.depth, index_items=lambda: len(index))
+
+    def on_model(spec: ModelSpec) -> None:
+        pipeline.spec = spec  # uploads are decoded for the new model from now on
+
+    watcher = IndexWatcher(
+        index, backend, load_model=lambda: open_backend_from(settings), model_dir=settings.model_dir,
+        on_model=on_model, metrics=metrics,
+        thread_initializer=lambda: lower_current_thread_priority(settings.inference_nice),
+    )
+    metrics.bind_index(generation=lambda: index.generation, mismatch=lambda: float(watcher.mismatch is not None))
     return Resources(
         settings=settings,
         metrics=metrics,
@@ -145,16 +192,17 @@ def open_resources(settings: Settings, metrics: Metrics, backend: Backend | None
         committer=Committer(index.commit, interval_s=settings.commit_interval_ms / 1000.0),
         thumbnails=ThumbnailCache(size=settings.thumbnail_size, max_pixels=settings.max_pixels),
         uploads=UploadStore(Path(settings.index_dir) / UPLOADS_DIR),
+        watcher=watcher,
         owns_backend=owns_backend,
     )
 
 
 def close_resources(res: Resources) -> None:
     """Blocking; after the batcher and committer have stopped."""
+    res.watcher.stop()
     res.pipeline.close()
     res.index.close()
-    if res.owns_backend:
-        res.backend.close()
+    res.backend.close()  # a LiveBackend: closes only what the server opened itself
 
 
 async def get_resources(request: Request) -> Resources:

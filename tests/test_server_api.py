@@ -297,11 +297,12 @@ def test_thumbnails_of_folder_indexed_items_resolve_under_the_root(model_dir: Pa
 
 def test_an_index_of_another_model_is_refused(model_dir: Path, tmp_path: Path) -> None:
     from embed.spec import ModelSpec
+    from index.identity import IndexModelMismatch
     from index.store import ImageIndex
 
     spec = ModelSpec.load(model_dir)
     ImageIndex.create(tmp_path / "index", spec.embedding_dim, model_name="some-other-model").close()
-    with pytest.raises(RuntimeError, match="some-other-model"), \
+    with pytest.raises(IndexModelMismatch, match="some-other-model"), \
             TestClient(create_app(make_settings(model_dir, tmp_path / "index"))):
         pass
 

@@ -1,4 +1,5 @@
-"""GET /healthz (the process answers), GET /readyz (model, index and batcher really work), GET /metrics."""
+"""GET /healthz (the process answers), GET /readyz (model, index and batcher really work, and the
+model is the one the index belongs to), GET /metrics."""
 
 from __future__ import annotations
 
@@ -49,10 +50,14 @@ async def readyz(request: Request) -> Response:
         return JSONResponse(body.model_dump(mode="json"), status_code=503)
     backend_ok, backend_why = await _check(res.backend.ready, READY_TIMEOUT_S)
     index_ok, index_why = await _check(lambda: len(res.index) >= 0, READY_TIMEOUT_S)
-    checks = {"backend": backend_ok, "index": index_ok, "batcher": res.batcher.running}
+    mismatch = res.watcher.mismatch  # the index changed hands and this server cannot follow (yet)
+    checks = {"backend": backend_ok, "index": index_ok, "batcher": res.batcher.running,
+              "model_matches_index": mismatch is None}
     detail = {k: v for k, v in (("backend", backend_why), ("index", index_why)) if v}
     if not res.batcher.running:
         detail["batcher"] = "not running"
+    if mismatch is not None:
+        detail["model_matches_index"] = mismatch
     ready = all(checks.values())
     body = Readiness(
         ready=ready,

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 from export_checkpoints import make_checkpoint
 from serverkit import CIFAR_TEST, CIFAR_TRAIN, REPO, LiveServer, clean_env, free_port
@@ -271,3 +272,27 @@ def test_a_server_whose_model_lags_behind_a_switch_degrades_then_recovers(tmp_pa
         assert top["path"].endswith(CIFAR_TRAIN[301].name) and top["score"] > 0.9999
     assert loop.failed == 0 and loop.statuses["200"] > 10, loop.statuses
     assert min(_cosines(index, b)) >= 0.9999
+
+
+def test_a_write_waiting_for_another_process_does_not_block_searches(tmp_path: Path) -> None:
+    """While another process holds SQLite's write lock (a build mid-batch), a server's write waits
+    for it without holding the index's reader lock: searches keep answering meanwhile."""
+    index = ImageIndex.create(tmp_path / "index", 4)
+    index.add(np.eye(4, dtype=np.float32), [{"path": f"{i}.jpg"} for i in range(4)])
+    index.commit()
+    holder = sqlite3.connect(tmp_path / "index" / "index.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the other process's open write transaction
+    writer = threading.Thread(target=lambda: index.add(np.ones((1, 4), np.float32) / 2, [{"path": "x.jpg"}]))
+    writer.start()
+    time.sleep(0.3)
+    assert writer.is_alive()  # waiting for the lock
+    hits = index.search(np.eye(4, dtype=np.float32), 1)  # would hang until ROLLBACK if it were blocked
+    assert [h[0].record.path for h in hits] == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
+    assert writer.is_alive()
+    holder.execute("ROLLBACK")
+    holder.close()
+    writer.join(10)
+    assert not writer.is_alive()
+    index.commit()
+    assert len(index) == 5
+    index.close()

@@ -4,11 +4,11 @@ What compose would do, done by hand:
 - its variable interpolation (`${VAR:-default}`, `${VAR:?error}`, `$$`);
 - each service's volumes: every container path of the file (`/images`, `/index`, ...) is one host
   path under `Containers.root`, the same string for every service, holding only the mounts of the
-  service that runs now (services run one after the other). A read-only mount is a copy there, so
-  a path a service records (the indexer records its folder's path) stays a container path: it
-  means something to another service only if that one mounts the same thing at the same place,
-  as in Docker. A read-write mount is a symlink to the host folder, so writes land there; a
-  service that does not mount a path finds nothing there;
+  services running now (two at once only where they mount the same thing). A read-only mount is a
+  copy there, so a path a service records (the indexer records its folder's path) stays a
+  container path: it means something to another service only if that one mounts the same thing at
+  the same place, as in Docker. A read-write mount is a symlink to the host folder, so writes land
+  there; a service that does not mount a path finds nothing there;
 - other services' addresses (`triton:8001`) replaced by local ones;
 - the service's `user:` as the process's uid and gid, dropped with `setpriv`. When that user cannot
   reach the interpreter (a pyenv Python under /root, mode 0700, as on the CI machine) the process
@@ -81,6 +81,7 @@ class Containers:
     def __init__(self, compose: dict, env: Mapping[str, str], root: Path, addresses: Mapping[str, str]) -> None:
         self.compose, self.env, self.root, self.addresses = compose, env, root, addresses
         root.mkdir(mode=0o755)
+        self._active: dict[str, list] = {}  # container path -> [(source, mode), services using it]
         targets = {t for svc in compose["services"].values() for t in _volumes(svc, _AnyValue())}
         self.container_paths = sorted(targets, key=len, reverse=True)  # longest first: /index before /i
 
@@ -104,27 +105,45 @@ class Containers:
 
     @contextlib.contextmanager
     def mounted(self, service: Service) -> Iterator[None]:
-        """The service's volumes in place under `root` while it runs; gone afterwards (`run --rm`)."""
-        made = []
+        """The service's volumes in place under `root` while it runs; gone afterwards (`run --rm`).
+        Services running at once share a path only when they mount the same thing there."""
+        held = []
         try:
-            for target, (source, mode) in service.mounts.items():
-                where = self.host(target)
-                where.parent.mkdir(parents=True, exist_ok=True)
-                if mode == "rw":
-                    where.symlink_to(source, target_is_directory=True)
-                elif source.is_dir():
-                    shutil.copytree(source, where, symlinks=False)
-                    _readable(where)
-                else:  # e.g. /dev/null for an unset folder: not a directory in the container
-                    where.write_bytes(b"")
-                made.append(where)
+            for target, mount in service.mounts.items():
+                self._acquire(target, mount)
+                held.append(target)
             yield
         finally:
-            for where in reversed(made):
-                if where.is_dir() and not where.is_symlink():
-                    shutil.rmtree(where)
-                else:
-                    where.unlink()
+            for target in reversed(held):
+                self._release(target)
+
+    def _acquire(self, target: str, mount: tuple[Path, str]) -> None:
+        if target in self._active:
+            assert self._active[target][0] == mount, f"{target}: two different mounts at once"
+            self._active[target][1] += 1
+            return
+        source, mode = mount
+        where = self.host(target)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "rw":
+            where.symlink_to(source, target_is_directory=True)
+        elif source.is_dir():
+            shutil.copytree(source, where, symlinks=False)
+            _readable(where)
+        else:  # e.g. /dev/null for an unset folder: not a directory in the container
+            where.write_bytes(b"")
+        self._active[target] = [mount, 1]
+
+    def _release(self, target: str) -> None:
+        self._active[target][1] -= 1
+        if self._active[target][1]:
+            return
+        del self._active[target]
+        where = self.host(target)
+        if where.is_dir() and not where.is_symlink():
+            shutil.rmtree(where)
+        else:
+            where.unlink()
 
 
 class _AnyValue(dict):

@@ -13,10 +13,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import tomllib
+from composekit import Containers, as_user, clean_environment, needs_read_capability, service_user
 
 from embed.spec import TRITON_DIR
 
@@ -197,9 +199,8 @@ def _start_triton(model_dir: Path, work: Path) -> tuple[subprocess.Popen[bytes],
 
 
 def _host_tree(base: Path, model_dir: Path, uid: int, gid: int) -> dict[str, str]:
-    """The host side: model and images, an empty index directory owned by the user inside `host/`,
-    which the user cannot write. Returns compose's environment."""
-    shutil.copytree(model_dir, base / "model")  # model_dir's parents are private to root (pytest tmp)
+    """The host side: the images, an empty index directory owned by the user inside `host/`, which
+    the user cannot write. Returns compose's environment."""
     images = base / "images"
     for cls_dir in sorted((ROOT / "tests" / "data" / "cifar10-sample" / "test").iterdir())[:5]:
         (images / cls_dir.name).mkdir(parents=True)
@@ -209,7 +210,7 @@ def _host_tree(base: Path, model_dir: Path, uid: int, gid: int) -> dict[str, str
     os.chown(base / "host" / "index", uid, gid)  # `mkdir -p "$INDEX_DIR"` by the APP_UID user
     for d in (base, base / "host"):
         os.chmod(d, 0o755)
-    return {"MODEL_DIR": str(base / "model"), "INDEX_DIR": str(base / "host" / "index"),
+    return {"MODEL_DIR": str(model_dir), "INDEX_DIR": str(base / "host" / "index"),
             "IMAGES_DIR": str(images), "SIMSEARCH_API_KEY": KEY_FOR_TEST}
 
 
@@ -263,56 +264,104 @@ def _check_api(url: str, images: Path) -> None:
         assert c.delete(f"/v1/items/{item['id']}", headers={"X-API-Key": KEY_FOR_TEST}).status_code == 200
 
 
-@pytest.mark.slow
-def test_compose_services_run_as_their_user(model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def compose_triton(model_dir: Path) -> Iterator[tuple[Path, str]]:
+    """A copy of the model readable by the services' user, and the gRPC address of a local Triton serving it."""
     if os.geteuid() != 0:
         pytest.skip("runs the services as the compose user: needs root (CI runs the suite as root)")
     pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-    from composekit import Containers, as_user, clean_environment, needs_read_capability, service_user
+    work = Path(tempfile.mkdtemp(prefix="simsearch-compose-triton-"))
+    try:
+        os.chmod(work, 0o755)
+        shutil.copytree(model_dir, work / "model")  # model_dir's parents are private to root (pytest tmp)
+        triton, grpc = _start_triton(work / "model", work)
+        try:
+            yield work / "model", grpc
+        finally:
+            _stop(triton)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _serve(containers: Containers, prefix: list[str], base: Path, check: Callable[[str], None]) -> None:
+    """The api service's command until `check(url)` returns, then a clean stop."""
     from serverkit import free_port
 
+    api = containers.service("api")
+    port = free_port()  # stands for the published port
+    log = base / "api.log"
+    with containers.mounted(api), open(log, "ab") as out:
+        proc = subprocess.Popen([*prefix, *api.argv], cwd=base, stdout=out, stderr=subprocess.STDOUT,
+                                env=clean_environment({**api.environment, "SIMSEARCH_PORT": str(port)}))
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}", proc, log)
+            check(f"http://127.0.0.1:{port}")
+        finally:
+            # uvicorn re-raises SIGTERM once its clean shutdown is done
+            assert _stop(proc) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+
+
+def _index(containers: Containers, prefix: list[str], base: Path) -> dict:
+    indexer = containers.service("indexer")
+    with containers.mounted(indexer):
+        run = subprocess.run([*prefix, *indexer.argv], cwd=base, env=clean_environment(indexer.environment),
+                             capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def _wait_items(url: str, n: int, timeout_s: float = 10) -> float:
+    """Seconds until the API's index holds `n` items (/readyz reports them)."""
+    import httpx
+
+    t0 = time.monotonic()
+    while (items := httpx.get(f"{url}/readyz", timeout=5).json().get("items")) != n:
+        assert time.monotonic() - t0 < timeout_s, f"the api holds {items} items, not {n}, after {timeout_s} s"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api_first", [False, True], ids=["indexer-then-api", "up-then-indexer"])
+def test_compose_services_run_as_their_user(compose_triton: tuple[Path, str], api_first: bool) -> None:
+    """indexer-then-api: the issue's order. up-then-indexer: docs/deploy.md's quick start, where the
+    API creates the index (compose's first step) and, still running, picks up the indexer's items."""
+    model, triton_grpc = compose_triton
     compose = _load()
     base = Path(tempfile.mkdtemp(prefix="simsearch-compose-"))
-    triton = None
     try:
         uid, gid = service_user(compose, "api", {})
-        env = _host_tree(base, model_dir, uid, gid)
+        env = _host_tree(base, model, uid, gid)
         prefix = as_user(uid, gid, read_capability=needs_read_capability(uid, gid))
-        host = base / "host"
+        host, ctr = base / "host", base / "ctr"
         probe = subprocess.run([*prefix, "sh", "-c", f"touch {host}/probe"], capture_output=True, timeout=30)
         assert probe.returncode != 0 and not (host / "probe").exists(), "the user can write the index's parent"
-        triton, triton_grpc = _start_triton(base / "model", base)
-        containers = Containers(compose, env, base / "ctr", {"triton:8001": triton_grpc})
+        containers = Containers(compose, env, ctr, {"triton:8001": triton_grpc})
+        assert service_user(compose, "indexer", env) == (uid, gid)
+        images = Path(env["IMAGES_DIR"])
 
-        # 1. the one-shot indexer, into the pre-created empty index directory
-        indexer = containers.service("indexer")
-        assert (indexer.uid, indexer.gid) == (uid, gid)
-        with containers.mounted(indexer):
-            run = subprocess.run([*prefix, *indexer.argv], cwd=base, env=clean_environment(indexer.environment),
-                                 capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        summary = json.loads(run.stdout)
-        assert summary["added"] == 15 and not summary["failed"], summary
-        assert sorted(p.name for p in host.iterdir()) == ["index"]  # nothing written beside it
-        assert all(p.stat().st_uid == uid for p in (host / "index").iterdir())
-        assert not list((base / "ctr").iterdir())  # nor at the container's top level
+        def index() -> None:
+            summary = _index(containers, prefix, base)
+            assert summary["added"] == 15 and not summary["failed"], summary
+            assert sorted(p.name for p in host.iterdir()) == ["index"]  # nothing written beside it
+            assert all(p.stat().st_uid == uid for p in (host / "index").iterdir())
 
-        # 2. the api
-        api = containers.service("api")
-        port = free_port()  # stands for the published port
-        log = base / "api.log"
-        with containers.mounted(api), open(log, "wb") as out:
-            proc = subprocess.Popen([*prefix, *api.argv], cwd=base, stdout=out, stderr=subprocess.STDOUT,
-                                    env=clean_environment({**api.environment, "SIMSEARCH_PORT": str(port)}))
-            try:
-                _wait_ready(f"http://127.0.0.1:{port}", proc, log)
-                _check_api(f"http://127.0.0.1:{port}", Path(env["IMAGES_DIR"]))
-            finally:
-                # uvicorn re-raises SIGTERM once its clean shutdown is done
-                assert _stop(proc) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+        def up_then_index(url: str) -> None:
+            assert (host / "index" / "index.sqlite").stat().st_uid == uid  # created by the API, in place
+            index()
+            _wait_items(url, 15)  # no restart
+            _check_api(url, images)
+
+        if api_first:
+            _serve(containers, prefix, base, up_then_index)
+        else:
+            index()
+            assert not list(ctr.iterdir())  # nothing written at the container's top level either
+            _serve(containers, prefix, base, lambda url: _check_api(url, images))
         assert sorted(p.name for p in host.iterdir()) == ["index"]
 
-        # 3. the same api command on 0.0.0.0 without a key refuses to start, in one line
+        # the same api command on 0.0.0.0 without a key refuses to start, in one line
+        api = containers.service("api")
         open_env = clean_environment({k: v for k, v in api.environment.items() if k != "SIMSEARCH_API_KEY"})
         with containers.mounted(api):
             refused = subprocess.run([*prefix, *api.argv], cwd=base, env=open_env, capture_output=True, text=True,
@@ -321,8 +370,6 @@ def test_compose_services_run_as_their_user(model_dir: Path) -> None:
         assert len(refused.stderr.strip().splitlines()) == 1 and "SIMSEARCH_API_KEY" in refused.stderr
         assert "0.0.0.0" in refused.stderr
     finally:
-        if triton is not None:
-            _stop(triton)
         shutil.rmtree(base, ignore_errors=True)
 
 

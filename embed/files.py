@@ -47,9 +47,14 @@ IMAGE_EXTENSIONS = frozenset({
 @dataclass(frozen=True)
 class ImageFile:
     rel: str  # relative to the root, '/'-separated, through any symlinked folder
-    path: Path  # root / rel
     size: int
     mtime: float
+    root: Path
+
+    @property
+    def path(self) -> Path:
+        """root / rel (built on demand: a Path costs more than the walk's own work per file)."""
+        return self.root / self.rel
 
 
 @dataclass
@@ -64,9 +69,10 @@ def is_hidden(name: str) -> bool:
 
 
 def has_image_extension(name: str, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> bool:
-    """True when `name` (a file name or path) ends in one of `extensions`, any case."""
-    ext = os.path.splitext(name)[1].lower()
-    return bool(ext) and ext in extensions
+    """True when `name` (a file name or '/'-separated path) ends in one of `extensions`, any case."""
+    base = name.rpartition("/")[2]
+    dot = base.rfind(".")
+    return dot > 0 and base[dot:].lower() in extensions
 
 
 def is_image_name(name: str, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> bool:
@@ -94,14 +100,14 @@ def walk_images(root: str | os.PathLike[str], extensions: Iterable[str] = IMAGE_
         if key in visited:
             continue
         visited.add(key)
-        for entry, st in _entries(folder, prefix, exts, listing):
+        for entry, st, image_named in _entries(folder, prefix, exts, listing):
             rel = prefix + entry.name
             if stat.S_ISDIR(st.st_mode):
                 heapq.heappush(pending, (links + entry.is_symlink(), depth + 1, rel + "/", entry.path,
                                          (st.st_dev, st.st_ino)))
-            elif has_image_extension(entry.name, exts):
+            elif image_named:
                 if stat.S_ISREG(st.st_mode):
-                    listing.files.append(ImageFile(rel, Path(entry.path), st.st_size, st.st_mtime))
+                    listing.files.append(ImageFile(rel, st.st_size, st.st_mtime, root))
                 else:
                     listing.skipped.append((rel, "not a regular file"))
     listing.files.sort(key=lambda f: f.rel)
@@ -112,7 +118,7 @@ def walk_images(root: str | os.PathLike[str], extensions: Iterable[str] = IMAGE_
 
 
 def _entries(folder: str, prefix: str, exts: frozenset[str],
-             listing: FolderListing) -> list[tuple[os.DirEntry[str], os.stat_result]]:
+             listing: FolderListing) -> list[tuple[os.DirEntry[str], os.stat_result, bool]]:
     """The folder's visible sub-folders and image-named entries with their (symlink-followed) stat.
 
     Other files are not stat'ed (the directory entry's type says they are not folders), so a folder
@@ -130,7 +136,7 @@ def _entries(folder: str, prefix: str, exts: frozenset[str],
         try:
             if not image_named and not entry.is_dir():  # is_dir: free unless a symlink
                 continue
-            out.append((entry, entry.stat()))
+            out.append((entry, entry.stat(), image_named))
         except OSError as e:
             if image_named:  # a dangling link to anything else is not ours to report
                 reason = "broken symlink" if entry.is_symlink() else f"cannot stat: {e.strerror or e}"

@@ -189,3 +189,30 @@ def test_a_messy_folder_through_every_path(pipeline: dict[str, Any]) -> None:
             assert float(vector @ eval_feature[corpus / rel]) >= MIN_COS, rel
             hits = client.post("/v1/search", files=[("file", (Path(rel).name, body))], data={"k": "1"}).json()
             assert hits["neighbours"][0]["score"] >= MIN_COS, (rel, hits)
+
+
+@pytest.mark.parametrize("name", ["flower.jpg", "hopper_orientation_6.jpg", "hopper_bw_500.png", "tiny.png"])
+def test_the_training_rule_is_torchvisions_resize_and_centre_crop(name: str) -> None:
+    from torchvision import transforms as tv
+
+    from embed.decode import decode_image
+    from pretrain.data import load_resized
+
+    rule = training_rule(SIZE)
+    assert rule.draft_size == (SIZE, SIZE)
+    decoded = decode_image(DATA / "messy" / name, draft_size=rule.draft_size)
+    want = tv.Compose([tv.Resize(SIZE, interpolation=tv.InterpolationMode.BICUBIC), tv.CenterCrop(SIZE)])(decoded)
+    got = load_resized(DATA / "messy" / name, SIZE)
+    assert got.shape == (SIZE, SIZE, 3) and got.flags.writeable
+    assert np.array_equal(got, np.asarray(want))
+
+
+def test_a_bad_rule_names_the_valid_choices() -> None:
+    from embed.preprocess import ResizeRule
+
+    with pytest.raises(ValueError, match="bilinear.*bicubic.*nearest"):
+        ResizeRule(32, 32, interpolation="lanczos")
+    with pytest.raises(ValueError, match="shorter_side_center_crop.*stretch"):
+        ResizeRule(32, 32, mode="pad")
+    wide = ResizeRule(20, 30, resize_size=24)
+    assert wide.draft_size == (30, 24) and ResizeRule.of(wide) is wide

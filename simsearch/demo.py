@@ -165,7 +165,10 @@ def run_export(checkpoint: Path, model_dir: Path, images: Path) -> Path:
 def run_index(images: Path, model_dir: Path, index_dir: Path, summary_file: Path, progress: bool) -> dict:
     from index import cli as index_cli
 
-    argv = ["build", str(images), "--model", str(model_dir), "--out", str(index_dir), "--summary", str(summary_file)]
+    # --reembed: after a rerun that trained and exported a new model, the demo's own index follows it
+    # (a no-op while the index belongs to the model)
+    argv = ["build", str(images), "--model", str(model_dir), "--out", str(index_dir), "--summary", str(summary_file),
+            "--reembed"]
     if not progress:
         argv.append("--no-progress")
     rc = index_cli.main(argv)

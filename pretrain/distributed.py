@@ -7,6 +7,7 @@ MASTER_ADDR/PORT); without them everything runs as rank 0 of 1 with no process g
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,12 @@ def setup(device: str = "auto") -> DistInfo:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(device: torch.device) -> None:
+    """Every rank waits here for the others (no-op in one process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -109,3 +116,42 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x / rank_and_world()[1]
+
+
+class RankZeroBroadcast:
+    """Rank 0's few integers, delivered to every rank one call later without stalling a step.
+
+    Every rank calls `exchange` once per training step, at the same step. The broadcast then runs
+    while the next step computes; the next `exchange` collects it after that step's own collectives,
+    which queue behind it on the same communicator, so the wait is already over: on NCCL nothing
+    waits for the device beyond the step's own `loss.item()`, on gloo the round trip overlaps the
+    step. `lag` says when a value takes effect: sent at step s, every rank has it at step s + lag.
+    In one process the value is returned at once (lag 0) and nothing is sent.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.lag = 1 if rank_and_world()[1] > 1 else 0
+        # NCCL moves device tensors only; gloo (CPU processes) host tensors
+        self.device = device if device.type == "cuda" else torch.device("cpu")
+        self._in_flight: tuple[dist.Work, torch.Tensor] | None = None
+
+    def exchange(self, values: Sequence[int]) -> list[int] | None:
+        """Send `values` (rank 0's; the others' are ignored); return rank 0's values of the previous call.
+
+        None on the first call of a multi-process run (nothing has been sent yet).
+        """
+        if self.lag == 0:
+            return list(values)
+        received = self.close()
+        buf = torch.tensor(list(values), dtype=torch.int64, device=self.device)
+        self._in_flight = (dist.broadcast(buf, src=0, async_op=True), buf)
+        return received
+
+    def close(self) -> list[int] | None:
+        """Wait for the broadcast in flight and return its values, so no rank leaves inside a collective."""
+        if self._in_flight is None:
+            return None
+        work, buf = self._in_flight
+        self._in_flight = None
+        work.wait()
+        return buf.tolist()

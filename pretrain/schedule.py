@@ -17,7 +17,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_fraction
 
 
 class WarmupCosine:
-    """Picklable-free callable for LambdaLR (its state is the step counter LambdaLR keeps)."""
+    """The callable inside LambdaLR; LambdaLR saves and restores its attributes with the scheduler state."""
 
     def __init__(self, warmup_steps: int, total_steps: int, final_fraction: float = 0.0) -> None:
         self.warmup_steps, self.total_steps, self.final_fraction = warmup_steps, total_steps, final_fraction
@@ -28,3 +28,11 @@ class WarmupCosine:
 
 def build_scheduler(optimizer: Optimizer, warmup_steps: int, total_steps: int, final_fraction: float = 0.0) -> LambdaLR:
     return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, final_fraction))
+
+
+def schedule_of(scheduler: LambdaLR) -> WarmupCosine:
+    """The WarmupCosine inside a scheduler from `build_scheduler` (its lengths are restored with its state)."""
+    schedule = scheduler.lr_lambdas[0]
+    if not isinstance(schedule, WarmupCosine):
+        raise TypeError(f"expected a scheduler from build_scheduler, got one with {type(schedule).__name__}")
+    return schedule

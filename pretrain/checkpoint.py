@@ -14,6 +14,9 @@ A checkpoint is a plain dict saved with `torch.save` and read back with `weights
     optimizer, scheduler, scaler, rng   state for exact resumption (may be absent in an
                     encoder-only checkpoint)
     metrics         the last logged figures (loss, kNN accuracy, ...)
+    elapsed_s       training seconds of the run so far (all invocations)
+
+`run_state` writes that dict from a training run's objects and `restore_run` reads it back into them.
 
 Written atomically: a temporary file in the same directory, fsync, then os.replace.
 """
@@ -22,11 +25,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from embed.atomic import atomic_write
+from pretrain.rng import capture_rng, restore_rng
+
+if TYPE_CHECKING:
+    from pretrain.build import Run
 
 CHECKPOINT_FORMAT = "simsearch-simclr-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -68,3 +75,24 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
     return ckpt
+
+
+def run_state(run: Run, metrics: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+    """The checkpoint dict of `run` at its current step (the unwrapped model; every state for exact resumption)."""
+    return {
+        "config": run.cfg.to_dict(), "encoder": run.raw.encoder.state_dict(), "head": run.raw.head.state_dict(),
+        "step": run.step, "epoch": run.step / run.layout.steps_per_epoch, "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": capture_rng(run.generator),
+        "metrics": metrics, "elapsed_s": elapsed_s,
+    }
+
+
+def restore_run(run: Run, ckpt: dict[str, Any]) -> None:
+    """Put a checkpoint's states back into a freshly built `run` (before it is wrapped for DDP)."""
+    run.raw.encoder.load_state_dict(ckpt["encoder"])
+    run.raw.head.load_state_dict(ckpt["head"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])  # with the schedule's warmup and total steps
+    run.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"], run.generator)
+    run.step, run.elapsed_before = int(ckpt["step"]), float(ckpt.get("elapsed_s", 0.0))

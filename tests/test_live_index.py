@@ -108,12 +108,12 @@ def _wait(what: str, predicate, timeout_s: float = 30.0) -> float:  # noqa: ANN0
 
 
 def _retrained(ckpt: Path, out: Path, seed: int) -> Path:
-    """One more (simulated) training step: every encoder weight nudged by 2% of its spread."""
+    """One more (simulated) training step: every encoder weight nudged by 10% of its spread."""
     state = load_checkpoint(ckpt)
     gen = torch.Generator().manual_seed(seed)
     for name, t in state["encoder"].items():
         if t.is_floating_point() and t.numel() > 1 and "running" not in name:
-            t += 0.02 * t.std() * torch.randn(t.shape, generator=gen)
+            t += 0.1 * t.std() * torch.randn(t.shape, generator=gen)
     return save_checkpoint(state, out)
 
 

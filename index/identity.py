@@ -11,8 +11,9 @@ The rule (`check`):
   different -> `IndexModelMismatch`;
 - the dimensions differ -> `IndexModelMismatch`;
 - the index has no fingerprint (built before fingerprints existed): the same model when name and
-  version agree ("adopt": a writer records the fingerprint on open, with a warning, because the
-  old index cannot prove which weights wrote it); else `IndexModelMismatch`;
+  version agree, or the index recorded none (name "", version 0) ("adopt": a writer records the
+  fingerprint on open, with a warning, because the old index cannot prove which weights wrote
+  it); else `IndexModelMismatch`;
 - the model has no fingerprint (only possible over Triton, serving a model exported before
   fingerprints existed): `IndexModelMismatch` when the index has one (re-export the model),
   else name and version decide, with a warning.
@@ -80,11 +81,16 @@ def _verdict(built: ModelIdentity, given: ModelIdentity) -> str | None:
         return None
     if built.fingerprint and given.fingerprint:
         return SAME if built.fingerprint == given.fingerprint else None
-    if (built.name, built.version) != (given.name, given.version):
+    if not _same_name(built, given):
         return None
     if not built.fingerprint:
         return ADOPT if given.fingerprint else UNVERIFIED
     return None  # the index knows its model's fingerprint, the model does not know its own
+
+
+def _same_name(built: ModelIdentity, given: ModelIdentity) -> bool:
+    """Name and version agree; an index that recorded none (name "", version 0) does not object."""
+    return (not built.name or built.name == given.name) and (not built.version or built.version == given.version)
 
 
 def mismatch_message(directory: object, built: ModelIdentity, given: ModelIdentity) -> str:

@@ -1,13 +1,20 @@
-"""The real `simsearch pretrain` / `simsearch eval` commands, in-process, on the shipped sample."""
+"""The real `simsearch pretrain` / `simsearch eval` commands, in-process, on the shipped sample; the loop's stop plan."""
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain import evaluate, train
+from pretrain.build import StepLayout
 from pretrain.checkpoint import load_checkpoint
+from pretrain.config import PretrainConfig, TrainConfig
+from pretrain.schedule import WarmupCosine
+from pretrain.step import SLOW_RANK_ENV, injected_delay
+from pretrain.stopping import StopPlan
 
 SAMPLE = Path(__file__).parent / "data" / "cifar10-sample"
 TINY = ["--arch", "smallcnn", "--width", "0.25", "--image-size", "16", "--precision", "fp32", "--no-channels-last",
@@ -74,3 +81,59 @@ def test_streaming_path_skips_bad_files_and_trains(tmp_path):
     assert summary["step"] == 31 // 8
     assert 1 <= summary["skipped_files"] <= 6
     assert load_checkpoint(tmp_path / "s" / "last.pt")["step"] == summary["step"]
+
+
+def test_a_global_batch_the_processes_do_not_divide_names_the_nearest_that_work():
+    cfg = PretrainConfig().updated({"train": {"batch_size": 8}})
+    assert StepLayout.of(cfg, 64, 2).local_batch == 4
+    with pytest.raises(ValueError, match=r"global batch.*3 processes; use a multiple of 3, e.g. 6 or 9"):
+        StepLayout.of(cfg, 64, 3)
+
+
+def test_stop_plan_one_process_stops_at_the_first_step_that_ends_past_the_budget():
+    t = TrainConfig(time_budget_min=0.01, epochs=100)  # 0.6 s, a schedule far longer
+    plan = StopPlan(t, WarmupCosine(2, 10**6), adaptive=False, first_step=0, device=torch.device("cpu"))
+    step, before, after = 0, [], []
+    while plan.stop_reason(step) is None:
+        time.sleep(0.05)
+        step += 1
+        before.append(time.monotonic())
+        plan.after_step(step)  # reads the clock between `before` and `after`
+        after.append(time.monotonic())
+    assert plan.stop_reason(step) == "time_budget" and plan.stop_at == step
+    assert before[-2] < plan.deadline <= after[-1]  # the step before the last still ended inside the budget
+    plan.close()
+
+
+def test_stop_plan_lays_the_cosine_out_over_the_rest_of_the_budget_at_each_log_point():
+    schedule = WarmupCosine(2, 10**9)
+    t = TrainConfig(time_budget_min=0.01, epochs=0, log_every=2)  # 0.6 s
+    plan = StopPlan(t, schedule, adaptive=True, first_step=0, device=torch.device("cpu"))
+    step = 0
+    while plan.stop_reason(step) is None:
+        time.sleep(0.05)
+        step += 1
+        plan.after_step(step)
+        if step == 2:  # at >= 0.05 s per step, at most (0.6 - 0.1) / 0.05 = 10 steps fit in the rest of the budget
+            assert 1 <= schedule.total_steps - step <= 10
+    assert plan.stop_reason(step) == "time_budget" and step in (schedule.total_steps, plan.stop_at)
+    plan.close()
+
+
+def test_stop_plan_without_a_budget_stops_at_the_schedule_end_or_stop_after_steps():
+    plan = StopPlan(TrainConfig(stop_after_steps=3), WarmupCosine(1, 5), adaptive=False, first_step=0,
+                    device=torch.device("cpu"))
+    assert [plan.stop_reason(s) for s in range(4)] == [None, None, None, "stop_after_steps"]
+    plan = StopPlan(TrainConfig(), WarmupCosine(1, 5), adaptive=False, first_step=0, device=torch.device("cpu"))
+    assert plan.stop_reason(4) is None and plan.stop_reason(5) == "epochs"
+
+
+def test_slow_rank_variable_is_checked():
+    os.environ[SLOW_RANK_ENV] = "1:0.25"
+    try:
+        assert injected_delay(1) == 0.25 and injected_delay(0) == 0.0
+        os.environ[SLOW_RANK_ENV] = "0.25"
+        with pytest.raises(ValueError, match="expected RANK:SECONDS"):
+            injected_delay(0)
+    finally:
+        del os.environ[SLOW_RANK_ENV]

@@ -140,7 +140,7 @@ def train(
     summary = run_summary(run, stats, stop_reason=stop_reason, train_seconds=time.time() - start, metrics=metrics,
                           out_dir=out_dir, skipped_files=len(data.failures))
     if dist.is_main:
-        from embed.spec import write_json_atomic
+        from embed.atomic import write_json_atomic
 
         write_json_atomic(out_dir / "summary.json", summary)
     log.close()
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = PretrainConfig.load(args.config) if args.config else PretrainConfig()
         cfg = cfg.updated(overrides)
+    cfg.data.folder = str(Path(args.folder).resolve())  # export verifies on this folder's images
     if cfg.data.in_memory:
         data = load_folder(args.folder, cfg.data.image_size, workers=cfg.data.workers, max_images=cfg.data.max_images,
                            progress=not args.no_progress)

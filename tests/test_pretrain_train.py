@@ -54,6 +54,8 @@ def test_short_run_lowers_the_loss_and_eval_reads_its_checkpoint(tmp_path):
     losses = [r["loss"] for r in logged if "loss" in r]
     assert len(losses) >= 4 and losses[-1] < losses[0]
     assert (run / "config.json").is_file() and any((run / "tb").iterdir())
+    # the folder trained on is recorded: export verifies on its images by default
+    assert json.loads((run / "config.json").read_text())["data"]["folder"] == str((SAMPLE / "train").resolve())
     assert summary["step"] == 32 and 0 < summary["aug_share"] < 1
 
     out = tmp_path / "eval.json"

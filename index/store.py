@@ -49,6 +49,7 @@ from index.dir_init import create_in_place
 from index.faiss_file import write_faiss
 from index.generation import Snapshot, load_index, read_committed, rebuild
 from index.identity import IndexModelMismatch, ModelIdentity
+from index.ranked import filtered_nprobe, top_n
 from index.records import COLUMNS, Hit, IndexedFile, ItemRecord, record_from_row, record_values
 from index.rwlock import RWLock
 from index.schema import (
@@ -60,6 +61,7 @@ from index.schema import (
     read_meta,
     write_meta,
 )
+from index.selectors import IdSet, search_selector, with_selector
 
 logger = logging.getLogger(__name__)
 
@@ -620,21 +622,55 @@ class ImageIndex:
         with self._rw.read():
             return int(self._index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, *, params: dict[str, Any] | None = None) -> list[list[Hit]]:
-        """Top-`k` by inner product for each query [Q, D]; `params` e.g. {"nprobe": 32} for IVF."""
+    def search(
+        self, queries: np.ndarray, k: int, *, params: dict[str, Any] | None = None,
+        allowed_ids: IdSet | Iterable[int] | np.ndarray | None = None, exclude_ids: Iterable[int] | None = None,
+        offset: int = 0, min_score: float | None = None,
+    ) -> list[list[Hit]]:
+        """Top-`k` by inner product for each query [Q, D], after the best `offset`.
+
+        `params` e.g. {"nprobe": 32} for IVF. `allowed_ids` (a filter's ids, index/filters.py) and
+        `exclude_ids` (e.g. the item searched by) are applied inside the FAISS scan (an ID selector),
+        so k hits come back whenever k items pass. On IVF a filter scans nprobe / (fraction passing)
+        lists, and every list when that still finds fewer than k. `min_score` drops hits under that
+        cosine. Hits are ordered by score, then id (index/ranked.py): the pages of one query at the
+        same parameters are disjoint and together the top of one search.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None]
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        allowed = None if allowed_ids is None else IdSet.of(allowed_ids)
+        exclude = None if exclude_ids is None else np.unique(np.fromiter((int(i) for i in exclude_ids), np.int64))
         with self._rw.read():  # the dimension is checked under the lock: a re-embedding may change it
             if queries.ndim != 2 or queries.shape[1] != self.dim:
                 raise ValueError(f"expected queries [Q, {self.dim}], got {list(queries.shape)}")
-            sp = vi.search_parameters(self.meta["index_kind"], params, {"nprobe": int(self.meta["nprobe"])})
-            if self._index.ntotal == 0:
+            kind = self.meta["index_kind"]
+            sp = vi.search_parameters(kind, params, {"nprobe": int(self.meta["nprobe"])})
+            ntotal, n = self._index.ntotal, offset + k
+            if ntotal == 0 or (allowed is not None and allowed.count == 0):
                 return [[] for _ in range(len(queries))]
-            scores, ids = self._index.search(queries, min(k, self._index.ntotal), params=sp)
-            wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+            ivf_filtered = allowed is not None and kind == "ivf"
+            if ivf_filtered:
+                sp.nprobe = filtered_nprobe(sp.nprobe, int(self.meta["nlist"]), allowed.count, ntotal)
+            sp = with_selector(sp, search_selector(allowed, exclude))
+
+            def run(q: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+                return self._index.search(q, m, params=sp)
+
+            rows = top_n(run, queries, n, ntotal)
+            passing = min(n, allowed.count - (int(allowed.contains(exclude).sum()) if exclude is not None else 0)
+                          if allowed is not None else ntotal)
+            if ivf_filtered and sp.nprobe < int(self.meta["nlist"]) and any(len(i) < passing for _, i in rows):
+                sp.nprobe = int(self.meta["nlist"])  # the filter's items sit in other lists: scan them all
+                rows = top_n(run, queries, n, ntotal)
+            rows = [(s[offset:], i[offset:]) for s, i in rows]
+            if min_score is not None:
+                rows = [(s[s >= min_score], i[s >= min_score]) for s, i in rows]
+            wanted = sorted({int(i) for _, irow in rows for i in irow})
             found: dict[int, ItemRecord] = {}
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
@@ -643,7 +679,7 @@ class ImageIndex:
                     found[int(row[0])] = record_from_row(row)
         return [
             [Hit(int(i), float(s), found[int(i)]) for s, i in zip(srow, irow, strict=True) if int(i) in found]
-            for srow, irow in zip(scores, ids, strict=True)
+            for srow, irow in rows
         ]
 
     def stats(self) -> dict[str, Any]:

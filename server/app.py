@@ -28,6 +28,7 @@ from server.routes import embed, health, items, page, search
 from server.schemas import EmbedJSON, ItemJSON, SearchJSON
 from server.settings import Settings
 from server.state import close_resources, open_resources
+from server.worker_header import WorkerHeaderMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(WorkerHeaderMiddleware)
     _install_openapi(app)
     return app
 

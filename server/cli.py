@@ -1,4 +1,5 @@
-"""`simsearch serve`: run the HTTP API and search page with uvicorn (one process, one event loop).
+"""`simsearch serve`: run the HTTP API and search page with uvicorn: one process and one event loop,
+or `--workers N` processes sharing the port and the index (server/workers.py).
 
 Flags override SIMSEARCH_* environment variables and `.env`; anything not given as a flag comes
 from there (see server/settings.py for every setting).
@@ -35,6 +36,7 @@ FLAG_FIELDS = {
     "inference_nice": "inference_nice",
     "commit_interval_ms": "commit_interval_ms",
     "log_level": "log_level",
+    "workers": "workers",
     "allow_open_writes": "allow_open_writes",
 }
 
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-open-writes", action="store_true", default=None,
                    help="start on a non-loopback address without an API key (writes open to anyone)")
     p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="server processes sharing the port and the index (default 1); "
+                   "each gets cores/N ONNX Runtime threads unless --ort-threads is given")
     p.add_argument("--batch-size", type=int, help="largest batch sent to the model")
     p.add_argument("--batch-wait-ms", type=float, help="longest wait for a batch to fill")
     p.add_argument("--queue-max", type=int, help="queued images before 503")
@@ -96,28 +100,31 @@ def main(argv: list[str] | None = None) -> int:
     if mismatch is not None:
         print(f"simsearch serve: error: {mismatch}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     if settings.api_key is None and not is_loopback(settings.host):
         log.warning("listening on %s with writes open to anyone (SIMSEARCH_ALLOW_OPEN_WRITES)", settings.host)
     if settings.images_dir is not None and not settings.images_dir.is_dir():
         log.warning("images_dir %s is not a directory: thumbnails of folder-indexed items will be 404 "
                     "(uploaded items are unaffected)", settings.images_dir)
+    options = {"log_level": settings.log_level, "timeout_graceful_shutdown": 10,
+               "access_log": settings.log_level == "debug"}
+    if settings.workers > 1:
+        from server.workers import run_workers
+
+        return run_workers(settings, **options)
     import uvicorn
 
     from server.app import create_app
 
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
-        access_log=settings.log_level == "debug",
-    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **options)
     return 0
+
+
+def configure_logging(settings: Settings) -> None:
+    """The log format of the server and of each worker process (their pid tells them apart)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "SIMSEARCH_"
+MAX_SHARED_COMMIT_INTERVAL_MS = 10_000
 
 
 class Settings(BaseSettings):
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
     thumbnail_size: int = Field(160, ge=16, le=1024, description="longest side of a thumbnail")
 
     # HTTP
+    workers: int = Field(
+        1, ge=1, le=256,
+        description="server processes sharing the port and the index (server/workers.py); each runs "
+        "ONNX Runtime with cores / workers intra-op threads unless ort_intra_op_threads is set",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -82,6 +88,16 @@ class Settings(BaseSettings):
     def _one_model_source(self) -> Settings:
         if (self.model_dir is None) == (self.triton_url is None):
             raise ValueError("set exactly one of model_dir (ONNX Runtime in-process) or triton_url (Triton)")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_commit_interval(self) -> Settings:
+        # a worker holds SQLite's write lock from its first uncommitted write to its commit: the
+        # other workers' writes wait that long (and fail after index/store.py's 60 s)
+        if self.workers > 1 and self.commit_interval_ms > MAX_SHARED_COMMIT_INTERVAL_MS:
+            raise ValueError(f"with workers > 1, commit_interval_ms must be at most {MAX_SHARED_COMMIT_INTERVAL_MS} "
+                             f"(each worker's pending writes hold the index's write lock until committed); "
+                             f"got {self.commit_interval_ms}")
         return self
 
     @model_validator(mode="after")

@@ -92,6 +92,26 @@ def open_index(settings: Settings, spec: ModelSpec) -> ImageIndex:
     return index
 
 
+def served_spec(settings: Settings) -> ModelSpec:
+    """The spec (with its fingerprint) of the model `settings` serve, without an inference session
+    for a model directory."""
+    if settings.model_dir is not None:
+        model_dir = Path(settings.model_dir).resolve()
+        spec = ModelSpec.load(model_dir)
+        return spec if spec.fingerprint else replace(spec, fingerprint=model_dir_fingerprint(model_dir, spec))
+    backend = open_backend_from(settings)
+    try:
+        return backend.spec
+    finally:
+        backend.close()
+
+
+def prepare_index(settings: Settings) -> None:
+    """Create the index (or bind an old one to the served model) once, before several worker
+    processes open it: N processes creating one directory at the same moment would race."""
+    open_index(settings, served_spec(settings)).close()
+
+
 def preflight(settings: Settings) -> str | None:
     """The one-line reason the server cannot serve this index with this model, checked before
     uvicorn starts (so it exits with that line, not a traceback); None when it can."""
@@ -99,14 +119,7 @@ def preflight(settings: Settings) -> str | None:
     if not db.is_file():
         return None
     try:
-        if settings.model_dir is not None:
-            model_dir = Path(settings.model_dir).resolve()
-            spec = ModelSpec.load(model_dir)
-            spec = spec if spec.fingerprint else replace(spec, fingerprint=model_dir_fingerprint(model_dir, spec))
-        else:
-            backend = open_backend_from(settings)
-            spec = backend.spec
-            backend.close()
+        spec = served_spec(settings)
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
             meta = read_meta(conn)

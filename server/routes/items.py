@@ -94,6 +94,8 @@ async def add_item(request: Request, res: Res) -> ItemCreated:
         }
         (item_id,) = await run_in_threadpool(res.index.add, embedded.vector.reshape(1, -1), [record])
     await _durable(res)
+    # another process serving this index may have removed the same bytes' file meanwhile
+    await run_in_threadpool(res.uploads.ensure, str(path), data)
     stored = await run_in_threadpool(res.index.get, item_id)
     if stored is None:  # deleted by a concurrent request already
         raise ApiError(404, "not_found", f"item {item_id} was deleted while it was being added")
@@ -119,13 +121,18 @@ async def delete_item(item_id: ItemId, res: Res) -> Deleted:
         record = await run_in_threadpool(res.index.get, item_id)
         if record is None:
             raise ApiError(404, "not_found", f"no item with id {item_id}")
-        await run_in_threadpool(res.index.remove, [item_id])
-    await _durable(res)
-    # the uploaded file goes only after the removal is durable, and only if nothing else uses it
-    if res.uploads.owns(record.path):
+        removed = await run_in_threadpool(res.index.remove, [item_id])
+    await _durable(res)  # even when nothing was removed: the write transaction is open until a commit
+    if not removed:  # another process deleted it between our read and our write
+        raise ApiError(404, "not_found", f"no item with id {item_id}")
+    # the uploaded file goes only after the removal is durable, and only if no committed item uses it.
+    # Writes acknowledged before their commit (commit_interval_ms > 0) in another worker would not
+    # be seen here: with several workers that policy keeps the file (an orphan, never a missing file).
+    settings = res.settings
+    if res.uploads.owns(record.path) and (settings.commit_interval_ms == 0 or settings.workers == 1):
         async with res.write_lock:
-            if await run_in_threadpool(res.index.get_by_path, record.path) is None:
-                await run_in_threadpool(res.uploads.discard, record.path)
+            await run_in_threadpool(res.uploads.discard_unused, record.path,
+                                    lambda p: res.index.get_by_path(p) is not None)
     return Deleted(id=item_id, deleted=True)
 
 

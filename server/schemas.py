@@ -40,6 +40,20 @@ class EmbedResponse(BaseModel):
     results: list[EmbedResult]
 
 
+class SearchFilter(BaseModel):
+    """Only items that pass every condition are searched (inside the index scan: k results whenever k pass)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="equality on top-level keys of the item's metadata, JSON types respected"
+    )
+    path_prefix: str | None = Field(None, min_length=1, max_length=4096, description="the stored path starts with this")
+    path_glob: str | None = Field(
+        None, min_length=1, max_length=4096, description="SQLite GLOB on the stored path (* crosses /, case-sensitive)"
+    )
+
+
 class SearchJSON(BaseModel):
     """JSON alternative to the multipart upload of /v1/search: exactly one of image, vector, id."""
 
@@ -49,6 +63,10 @@ class SearchJSON(BaseModel):
     vector: list[float] | None = Field(None, description="a query vector of the index's dimension")
     id: int | None = Field(None, ge=0, le=2**63 - 1, description="search with the vector of this indexed item")
     k: int = Field(10, ge=1)
+    offset: int = Field(0, ge=0, description="skip the best `offset` results: the next page is offset + k")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="leave out neighbours under this cosine")
+    filter: SearchFilter | None = None
+    exclude: bool = Field(False, description="with `id`: leave the item itself out of its neighbours")
 
     @model_validator(mode="after")
     def _exactly_one_query(self) -> SearchJSON:
@@ -83,6 +101,9 @@ class SearchResponse(BaseModel):
     k: int
     query: str = Field(description="what was searched with: image, vector or id")
     neighbours: list[Neighbour]
+    offset: int = 0
+    next_offset: int | None = Field(None, description="the next page's offset; null when this page was not full "
+                                    "or the next one would pass max_k")
 
 
 class ItemJSON(BaseModel):

@@ -1,20 +1,28 @@
-"""Load test of `simsearch serve`: concurrent single-image clients against raw ONNX Runtime.
+"""Load test of `simsearch serve`: concurrent single-image clients against two references.
 
-    python bench/serve_load.py                       # fresh ResNet-18 (CIFAR stem, 32 px), 1/8/32 clients
-    python bench/serve_load.py --model MODEL_DIR     # a given model directory
+    python bench/serve_load.py                          # fresh ResNet-18 (CIFAR stem, 32 px), 1/8/32 clients
+    python bench/serve_load.py --arch smallcnn2         # the model `make demo` trains on a CPU
+    python bench/serve_load.py --workers 2              # `simsearch serve --workers 2`
+    python bench/serve_load.py --model MODEL_DIR        # a given model directory
     python bench/serve_load.py --seconds 5 --clients 1,32 --endpoint search
 
 In one run on this machine:
 1. raw ONNX Runtime throughput (images/s) of the same model directory at batch sizes 1..64,
-   already-decoded arrays, one calling thread: the best batch size is the ceiling;
-2. a real server process (`python -m simsearch serve`, one uvicorn worker, one event loop) over a
-   small index, and for 1, 8 and 32 concurrent clients, each sending one image per request
-   (multipart, keep-alive) for `--seconds` (at most `--max-requests`): requests/s, p50 and p99.
-goal: at 32 clients the server delivers >= 70% of raw ONNX Runtime's best throughput.
+   already-decoded arrays, one calling thread: the best batch size is the model's ceiling;
+2. the in-process limit: decode + preprocess + ONNX Runtime in one process with the server's
+   threads (`--decode-workers` decoding threads, the same ORT threads, batches of `--batch-size`;
+   `embed.Embedder`, what `index build` runs), from the same JPEG bytes the clients send, no HTTP:
+   what the server could deliver if HTTP cost nothing;
+3. a real server (`python -m simsearch serve`, `--workers` processes) over a small index, and for
+   1, 8 and 32 concurrent clients, each sending one image per request (multipart, keep-alive)
+   for `--seconds` (at most `--max-requests`): requests/s, p50, p99, server CPU per request (all
+   its processes), the mean model batch, and how the requests spread over the workers.
+goal: at 32 clients the server delivers >= 80% of the in-process limit (issue 12).
 
-The clients are a minimal HTTP/1.1 keep-alive client on asyncio streams (like `wrk`, the request
-bytes are built once), so the load generator takes as little of the shared CPU as it can.
-Prints each figure, then one JSON object.
+Every figure is printed with the machine's load average: on a shared machine the figures are
+only comparable within one run. The clients are a minimal HTTP/1.1 keep-alive client on asyncio
+streams (like `wrk`, the request bytes are built once) in this process, on the same cores as
+the server. Prints each figure, then one JSON object.
 """
 
 from __future__ import annotations
@@ -47,13 +55,17 @@ CIFAR = Path("/tmp/cifar/cifar10/test")
 SAMPLE = ROOT / "tests" / "data" / "cifar10-sample" / "test"
 
 
-def export_resnet18(work: Path) -> Path:
+def export_fresh(work: Path, arch: str) -> Path:
+    """A freshly initialised encoder at 32 px (CIFAR stem), width 1: resnet18, or smallcnn2 (the
+    model `make demo` trains on a CPU: simsearch/demo.py's preset). Speed does not depend on training."""
     from export_checkpoints import make_checkpoint
 
     from export import export_model
 
-    out = work / "resnet18-model"
-    ckpt = make_checkpoint(work / "resnet18.pt", arch="resnet18", width=1.0, image_size=32, cifar_stem=True)
+    out = work / f"{arch}-model"
+    if (out / "model.json").is_file():
+        return out
+    ckpt = make_checkpoint(work / f"{arch}.pt", arch=arch, width=1.0, image_size=32, cifar_stem=True)
     export_model(ckpt, out, exporter="torchscript", verify_limit=8, triton=None, verify_images=[SAMPLE])
     return out
 
@@ -98,6 +110,22 @@ def raw_ort(model_dir: Path, files: list[Path], threads: int, batch_sizes: list[
     return out
 
 
+def inprocess_limit(model_dir: Path, datas: list[bytes], threads: int, batch_size: int, decode_workers: int,
+                    seconds: float) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of decode + preprocess + ONNX Runtime on `datas`, no HTTP."""
+    backend = OnnxRuntimeBackend(model_dir, intra_op_threads=threads, max_batch_size=batch_size)
+    embedder = Embedder(backend, batch_size=batch_size, decode_workers=decode_workers)
+    list(embedder.iter_embed(datas[: 2 * batch_size]))  # warm-up
+    n, cpu0, t0 = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _, vec, _ in embedder.iter_embed(datas):
+            assert isinstance(vec, np.ndarray)
+            n += 1
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    backend.close()
+    return n / elapsed, 1000 * cpu / n
+
+
 def multipart_request(path: str, host: str, image: bytes, fields: dict[str, str]) -> bytes:
     boundary = uuid.uuid4().hex
     parts = [
@@ -118,7 +146,7 @@ def multipart_request(path: str, host: str, image: bytes, fields: dict[str, str]
 
 
 async def _client(port: int, requests: list[bytes], deadline: float, budget: list[int],
-                  latencies: list[float], errors: list[str], offset: int) -> None:
+                  latencies: list[float], errors: list[str], offset: int, workers: dict[bytes, int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
     try:
@@ -131,8 +159,12 @@ async def _client(port: int, requests: list[bytes], deadline: float, budget: lis
             status_line = await reader.readline()
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
+                lower = line.lower()
+                if lower.startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
+                elif lower.startswith(b"x-simsearch-worker:"):
+                    pid = line.split(b":")[1].strip()
+                    workers[pid] = workers.get(pid, 0) + 1
             await reader.readexactly(length)
             latencies.append(time.perf_counter() - t0)
             status = status_line.split(b" ")[1] if b" " in status_line else b"?"
@@ -145,99 +177,155 @@ async def _client(port: int, requests: list[bytes], deadline: float, budget: lis
 async def run_level(port: int, requests: list[bytes], clients: int, seconds: float, max_requests: int) -> dict[str, Any]:
     latencies: list[float] = []
     errors: list[str] = []
+    workers: dict[bytes, int] = {}
     budget = [max_requests]
     t0 = time.perf_counter()
     await asyncio.gather(*(
-        _client(port, requests, t0 + seconds, budget, latencies, errors, offset=c * 7) for c in range(clients)
+        _client(port, requests, t0 + seconds, budget, latencies, errors, offset=c * 7, workers=workers)
+        for c in range(clients)
     ))
     elapsed = time.perf_counter() - t0
     lat = np.array(latencies) * 1000
     return {
         "clients": clients, "requests": len(latencies), "errors": len(errors), "seconds": round(elapsed, 2),
         "rps": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        "by_worker": sorted(workers.values(), reverse=True),
     }
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Linux /proc): the server's supervisor and its workers."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo.extend(int(c) for c in task.read_text().split())
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of a process and its descendants (Linux /proc)."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def batch_totals(port: int) -> tuple[float, float]:
-    """(images, model calls) so far, from the server's /metrics."""
+def batch_totals(port: int, workers: int) -> tuple[float, float]:
+    """(images, model calls) so far, summed over the workers' /metrics (a new connection lands on any
+    worker: ask until `workers` different ones have answered)."""
     import httpx
 
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
-              if ln.startswith(("simsearch_batch_size_sum", "simsearch_batch_size_count"))}
-    return values.get("simsearch_batch_size_sum", 0.0), values.get("simsearch_batch_size_count", 0.0)
+    seen: dict[str, tuple[float, float]] = {}
+    for _ in range(50 * workers):
+        with httpx.Client(timeout=10) as c:
+            r = c.get(f"http://127.0.0.1:{port}/metrics")
+        values = {ln.split()[0]: float(ln.split()[1]) for ln in r.text.splitlines()
+                  if ln.startswith(("simsearch_batch_size_sum", "simsearch_batch_size_count"))}
+        seen[r.headers.get("x-simsearch-worker", "?")] = (
+            values.get("simsearch_batch_size_sum", 0.0), values.get("simsearch_batch_size_count", 0.0))
+        if len(seen) >= workers:
+            break
+    return sum(v[0] for v in seen.values()), sum(v[1] for v in seen.values())
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=Path, help="model directory (default: export a fresh ResNet-18, CIFAR stem)")
+    p.add_argument("--model", type=Path, help="model directory (default: export a fresh --arch encoder)")
+    p.add_argument("--arch", choices=("resnet18", "smallcnn2"), default="resnet18",
+                   help="the fresh encoder to export when --model is not given (smallcnn2: the demo's CPU model)")
     p.add_argument("--workdir", type=Path, help="where the model and index go (default: a temporary folder)")
     p.add_argument("--index-size", type=int, default=1000, help="images in the served index")
     p.add_argument("--clients", default="1,8,32", help="concurrency levels")
     p.add_argument("--seconds", type=float, default=8.0, help="seconds per level")
     p.add_argument("--max-requests", type=int, default=20000, help="requests per level at most")
     p.add_argument("--endpoint", choices=("embed", "search"), default="embed")
-    p.add_argument("--batch-size", type=int, default=32, help="server's largest model batch")
+    p.add_argument("--workers", type=int, default=1, help="server processes (simsearch serve --workers)")
+    p.add_argument("--batch-size", type=int, default=32, help="server's largest model batch (and the limit's batch)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="server's longest batch wait")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (both sides; 0: ORT decides)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads of the references and of a 1-worker server (0: ORT "
+                   "decides); with --workers N the server's default is cores/N per worker")
+    p.add_argument("--decode-workers", type=int, default=2, help="decoding threads (server and in-process limit)")
     p.add_argument("--nice", type=int, default=0, help="server's inference thread nice value")
     p.add_argument("--raw-batches", default="1,8,16,32,64", help="batch sizes for raw ONNX Runtime")
     p.add_argument("--raw-seconds", type=float, default=3.0)
+    p.add_argument("--limit-seconds", type=float, default=5.0, help="seconds of the in-process limit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="serve-load-"))
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model or export_resnet18(work)
+    model_dir = args.model or export_fresh(work, args.arch)
     spec = ModelSpec.load(model_dir)
     files = image_files(max(args.index_size, 256))
     index_dir = work / f"index-{uuid.uuid4().hex[:6]}"
     build_index(model_dir, index_dir, files[: args.index_size], args.threads)
     print(f"model {spec.name} ({spec.input_height}x{spec.input_width} -> {spec.embedding_dim}), "
-          f"index of {args.index_size} images, {os.cpu_count()} CPUs", flush=True)
+          f"index of {args.index_size} images, {os.cpu_count()} CPUs, load average {load_average()}", flush=True)
 
     raw = raw_ort(model_dir, files, args.threads, [int(b) for b in args.raw_batches.split(",")], args.raw_seconds)
     best_bs = max(raw, key=lambda b: raw[b])
+    datas = [f.read_bytes() for f in files[:256]]
+    limit, limit_cpu = inprocess_limit(model_dir, datas, args.threads, args.batch_size, args.decode_workers,
+                                       args.limit_seconds)
+    print(f"in-process decode + inference limit: {limit:8.1f} images/s ({limit_cpu:.2f} CPU ms/image; batch "
+          f"{args.batch_size}, {args.decode_workers} decoding threads, no HTTP)  load {load_average()}", flush=True)
 
     from serverkit import LiveServer
 
-    server = LiveServer(model_dir, index_dir, work / "server.log", extra_args=[
-        "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
-        "--ort-threads", str(args.threads), "--inference-nice", str(args.nice)])
+    extra = ["--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+             "--inference-nice", str(args.nice), "--workers", str(args.workers)]
+    if args.threads or args.workers == 1:
+        extra += ["--ort-threads", str(args.threads)]
+    server = LiveServer(model_dir, index_dir, work / "server.log", extra_args=extra,
+                        env={"SIMSEARCH_DECODE_WORKERS": str(args.decode_workers)})
     path = f"/v1/{args.endpoint}"
     fields = {"k": "10"} if args.endpoint == "search" else {}
     levels = []
     with server:
         port, proc = server.port, server.proc
-        requests = [multipart_request(path, f"127.0.0.1:{port}", f.read_bytes(), fields) for f in files[:256]]
-        asyncio.run(run_level(port, requests, 4, 1.0, 200))  # warm-up
+        requests = [multipart_request(path, f"127.0.0.1:{port}", d, fields) for d in datas]
+        for _ in range(100):  # warm-up, until every worker has answered
+            if len(asyncio.run(run_level(port, requests, 4 * args.workers, 0.5, 400))["by_worker"]) >= args.workers:
+                break
         for c in [int(x) for x in args.clients.split(",")]:
-            cpu0, (img0, calls0) = cpu_seconds(proc.pid), batch_totals(port)
+            cpu0, (img0, calls0) = cpu_seconds(proc.pid), batch_totals(port, args.workers)
             r = asyncio.run(run_level(port, requests, c, args.seconds, args.max_requests))
-            cpu1, (img1, calls1) = cpu_seconds(proc.pid), batch_totals(port)
+            cpu1, (img1, calls1) = cpu_seconds(proc.pid), batch_totals(port, args.workers)
             r["server_cpu_ms_per_request"] = 1000 * (cpu1 - cpu0) / max(r["requests"], 1)
             r["mean_batch"] = (img1 - img0) / max(calls1 - calls0, 1)
+            r["of_limit"] = r["rps"] / limit
+            r["of_raw"] = r["rps"] / raw[best_bs]
+            r["load"] = load_average()
             levels.append(r)
-            print(f"server {path} {c:>3} clients: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
-                  f"p99 {r['p99_ms']:7.2f} ms  mean batch {r['mean_batch']:5.1f}  server CPU "
-                  f"{r['server_cpu_ms_per_request']:.2f} ms/req  ({r['requests']} requests, {r['errors']} errors)",
+            print(f"server {path} {c:>3} clients: {r['rps']:8.1f} req/s ({r['of_limit']:.0%} of the limit, "
+                  f"{r['of_raw']:.0%} of raw)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  mean batch "
+                  f"{r['mean_batch']:5.1f}  server CPU {r['server_cpu_ms_per_request']:.2f} ms/req  requests by "
+                  f"worker {r['by_worker']}  ({r['requests']} requests, {r['errors']} errors)  load {r['load']}",
                   flush=True)
     at32 = next((r for r in levels if r["clients"] == 32), levels[-1])
-    ratio = at32["rps"] / raw[best_bs]
-    print(f"raw onnxruntime best: {raw[best_bs]:.1f} images/s at batch {best_bs}")
-    print(f"ratio at {at32['clients']} clients: {ratio:.1%} of raw onnxruntime (goal >= 70%)")
+    print(f"raw onnxruntime best: {raw[best_bs]:.1f} images/s at batch {best_bs}; in-process limit {limit:.1f} images/s")
+    print(f"at {at32['clients']} clients, {args.workers} worker(s): {at32['of_limit']:.1%} of the in-process limit "
+          f"(goal >= 80%), {at32['of_raw']:.1%} of raw onnxruntime; p50 {at32['p50_ms']:.1f} ms, "
+          f"p99 {at32['p99_ms']:.1f} ms")
     print(json.dumps({
-        "model": spec.name, "endpoint": path, "cpus": os.cpu_count(), "ort_threads": args.threads,
+        "model": spec.name, "endpoint": path, "cpus": os.cpu_count(), "workers": args.workers,
+        "ort_threads": args.threads, "decode_workers": args.decode_workers,
         "server_batch_size": args.batch_size, "server_batch_wait_ms": args.batch_wait_ms, "inference_nice": args.nice,
         "raw_images_per_s": {str(k): round(v, 1) for k, v in raw.items()}, "raw_best_batch": best_bs,
-        "levels": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in levels],
-        "ratio_at_32": round(ratio, 3), "goal_ratio": 0.7,
+        "inprocess_limit_images_per_s": round(limit, 1), "inprocess_cpu_ms_per_image": round(limit_cpu, 3),
+        "levels": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in levels],
+        "of_limit_at_32": round(at32["of_limit"], 3), "goal_of_limit": 0.8,
     }))
     return 0
 

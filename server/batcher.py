@@ -133,6 +133,8 @@ class MicroBatcher:
         self._queue.extend(pending)
         assert self._wakeup is not None
         self._wakeup.set()
+        if len(pending) == 1:  # the usual case: no gather (one more future and its callbacks)
+            return [await pending[0].future]
         return list(await asyncio.gather(*(p.future for p in pending)))
 
     async def _run(self) -> None:

@@ -17,16 +17,15 @@ from typing import Any, Generic, TypeVar
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from python_multipart.exceptions import FormParserError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
+from server import multipart
 from server.errors import ApiError, ErrorItem
 from server.schemas import ImageB64
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_METADATA_BYTES = 64 * 1024
+MAX_FIELDS = 64  # non-image form fields in one multipart body
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
 
@@ -64,30 +63,25 @@ def too_many(n: int, limit: int) -> ApiError:
 
 
 async def read_multipart(request: Request, *, file_fields: tuple[str, ...], max_files: int) -> MultipartBody:
-    """Every part named in `file_fields` is an image (a file part, or a plain field's text)."""
+    """Every part named in `file_fields` is an image (a file part, or a plain field's bytes)."""
     try:
-        form = await request.form(max_files=max_files + 1, max_fields=64)
-    except HTTPException as e:
-        if e.status_code == 400 and "Too many files" in str(e.detail):
-            raise too_many(max_files + 1, max_files) from None
-        raise
-    except FormParserError as e:  # Starlette passes python-multipart's own parse errors through
-        raise ApiError(400, "bad_request", f"malformed multipart body: {e}") from None
-    try:
+        boundary = multipart.boundary_of(request.headers.get("content-type", ""))
+        body = await request.body()
         uploads: list[Upload] = []
         fields: dict[str, str] = {}
-        for name, value in form.multi_items():
-            if name in file_fields:
-                if isinstance(value, UploadFile):
-                    uploads.append(Upload(len(uploads), value.filename, await value.read()))
-                else:
-                    uploads.append(Upload(len(uploads), None, value.encode()))
-            elif isinstance(value, str):
-                fields[name] = value
-    finally:
-        await form.close()
-    if len(uploads) > max_files:
-        raise too_many(len(uploads), max_files)
+        n_fields = 0
+        for part in multipart.iter_parts(body, boundary):
+            if part.name in file_fields:
+                uploads.append(Upload(len(uploads), part.filename, part.data))
+                if len(uploads) > max_files:
+                    raise too_many(len(uploads), max_files)
+            elif part.filename is None:
+                n_fields += 1
+                if n_fields > MAX_FIELDS:
+                    raise ApiError(400, "bad_request", f"more than {MAX_FIELDS} form fields")
+                fields[part.name] = multipart.decode_text(part.data)
+    except multipart.MultipartError as e:
+        raise ApiError(400, "bad_request", f"malformed multipart body: {e}") from None
     return MultipartBody(uploads, fields)
 
 

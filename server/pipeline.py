@@ -1,5 +1,13 @@
-"""Uploaded bytes -> vectors: decode in a thread pool (embed.preprocess), then the model through the
-micro-batcher. Per-image failures come back as `ErrorItem`s, never as exceptions."""
+"""Uploaded bytes -> vectors: decode (embed.preprocess), then the model through the micro-batcher.
+Per-image failures come back as `ErrorItem`s, never as exceptions.
+
+Small images (at most `INLINE_DECODE_MAX_PIXELS`) are decoded on the event loop itself: their decode
+(~0.1 ms, mostly Pillow's Python code under the GIL) costs less than the hop to a pool thread and
+back (submit, wake-up, callback, resuming the request), which was ~15% of the server's interpreter
+time per request for 32-pixel images. Anything larger, or anything whose header does not say, goes
+to the decode pool, so a photo never holds up the loop: the size check is `max_pixels` itself,
+made from the header before any pixel is decoded.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,8 @@ from server.batcher import BatcherClosed, MicroBatcher, QueueFull
 from server.bodies import Upload
 from server.errors import DECODE_STATUS, ApiError, ErrorItem, decode_error_item
 from server.metrics import Metrics
+
+INLINE_DECODE_MAX_PIXELS = 128 * 128
 
 
 @dataclass
@@ -48,16 +58,35 @@ class EmbedPipeline:
     def _decode(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
         return load_image_array(data, self.spec, max_pixels=self.max_pixels)
 
+    def _decode_small(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """The decoded image when it is small enough to decode here; None: use the pool."""
+        try:
+            return load_image_array(data, self.spec, max_pixels=min(self.max_pixels, INLINE_DECODE_MAX_PIXELS))
+        except DecodeError as e:
+            if e.reason == "too_large" and self.max_pixels > INLINE_DECODE_MAX_PIXELS:
+                return None  # refused from the header alone: decode it in the pool, with the real limit
+            raise
+
     async def embed(self, uploads: list[Upload]) -> list[Embedded | ErrorItem]:
         """One result per upload, in order. Raises ApiError(503) when the model queue is full."""
         loop = asyncio.get_running_loop()
         results: list[Embedded | ErrorItem | None] = [None] * len(uploads)
-        jobs = []
+        jobs: list[tuple[int, Upload, asyncio.Future[tuple[np.ndarray, tuple[int, int]]]]] = []
         for i, up in enumerate(uploads):
             if up.error is not None or up.data is None:
                 results[i] = up.error or ErrorItem(reason="empty", message="no data", index=up.index)
+                continue
+            job: asyncio.Future[tuple[np.ndarray, tuple[int, int]]] = loop.create_future()
+            try:
+                small = self._decode_small(up.data)
+            except DecodeError as e:
+                job.set_exception(e)
             else:
-                jobs.append((i, up, loop.run_in_executor(self._pool, self._decode, up.data)))
+                if small is None:
+                    job = loop.run_in_executor(self._pool, self._decode, up.data)
+                else:
+                    job.set_result(small)
+            jobs.append((i, up, job))
         decoded: list[tuple[int, Upload, np.ndarray, tuple[int, int]]] = []
         self.batcher.announce(len(jobs))
         try:

@@ -1,12 +1,17 @@
-"""Bench: SimCLR on the CIFAR-10 train folder for a wall-clock budget, then kNN and linear-probe top-1.
+"""Bench: SimCLR on the CIFAR-10 train folder for a wall-clock budget, then kNN, linear probe and P@10.
 
     .venv/bin/python bench/pretrain_cifar10.py                 # CPU preset, 10 minutes
     python bench/pretrain_cifar10.py --device cuda --minutes 8 # GPU preset: ResNet-18, CIFAR stem, batch 512
+    .venv/bin/python bench/pretrain_cifar10.py --steps 3140    # a fixed amount of training instead of a budget
 
 The budget covers the training loop only (decoding the folders and the evaluation are timed
-separately). The LR schedule (warmup, then cosine) is laid out over the budget. kNN: memory bank
-= all 50,000 train images, k=20, temperature-weighted votes (T=0.07); linear probe: logistic
-regression (L-BFGS) on standardised frozen features. Prints the figures and one JSON line at the end.
+separately). The LR schedule (warmup, then cosine) is laid out over the budget, or over `--steps`
+(results that do not depend on the machine's load, for comparing settings on a shared machine).
+kNN: memory bank = all 50,000 train images, k=20, temperature-weighted votes (T=0.07); linear
+probe: `pretrain/probe.py`'s protocol (multinomial logistic regression on standardised frozen
+features, l2 chosen on a held-out 10% of train, L-BFGS to convergence); P@10: the 10,000 test
+images as queries against the 50,000 train images, cosine, by label (what search shows). Prints
+the figures and one JSON line at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pretrain.checkpoint import load_checkpoint  # noqa: E402
 from pretrain.config import PretrainConfig  # noqa: E402
 from pretrain.data import load_folder  # noqa: E402
 from pretrain.evaluate import evaluate, load_encoder  # noqa: E402
+from pretrain.retrieval import precision_at_k  # noqa: E402
 from pretrain.train import train  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -54,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="/tmp/cifar/cifar10", help="folder with train/ and test/")
     p.add_argument("--tarball", default="/work/shared/data/cifar10-jpeg.tar.gz", help="extracted when --data is absent")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget")
+    p.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead (0: --minutes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", default="/tmp/bench-pretrain", help="run directory")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--workers", type=int, default=0, help="decode threads (0: CPU count)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--probe-iters", type=int, default=300)
+    p.add_argument("--probe-iters", type=int, default=1000, help="L-BFGS iteration cap of each probe fit")
     p.add_argument("--seed", type=int, default=0)
     for key in CPU_PRESET:  # preset values depend on the device; None = the preset's
         p.add_argument("--" + key.replace("_", "-"), type=type(GPU_PRESET[key]), default=None,
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"image_size": 32, "mean": CIFAR_MEAN, "std": CIFAR_STD},
         "augment": {"strength": preset["strength"], "view_size": preset["view_size"]},
         "optim": {"optimizer": preset["optimizer"], "base_lr": preset["base_lr"], "warmup_epochs": preset["warmup_epochs"]},
-        "train": {"epochs": 0, "time_budget_min": args.minutes, "batch_size": preset["batch_size"],
+        "train": {"epochs": args.steps / (len(train_set) // preset["batch_size"]),
+                  "time_budget_min": 0 if args.steps else args.minutes, "batch_size": preset["batch_size"],
                   "temperature": preset["temperature"], "precision": preset["precision"], "channels_last": True,
                   "compile": args.compile, "device": device, "seed": args.seed, "log_every": 10,
                   "ckpt_every_min": 60},
@@ -96,21 +104,25 @@ def main(argv: list[str] | None = None) -> int:
     print("config:", json.dumps(cfg.to_dict()), flush=True)
     summary = train(cfg, train_set, args.out, progress=sys.stderr.isatty())
     ckpt = load_checkpoint(Path(args.out) / "last.pt")
+    features: dict[str, torch.Tensor] = {}
     result = evaluate(load_encoder(ckpt, torch.device(device)), ckpt["config"]["data"], train_set, test_set,
-                      probe_iters=args.probe_iters, device=device)
+                      probe_iters=args.probe_iters, device=device, features=features)
+    if "p_at_10" not in result:  # until `simsearch eval` reports it itself
+        result["p_at_10"] = precision_at_k(features["train"], train_set.labels, features["test"], test_set.labels, k=10)
     spe = len(train_set) // cfg.train.batch_size
     figures = {
         "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(), **preset,
-        "minutes": args.minutes, "train_seconds": summary["train_seconds"], "steps": summary["step"],
+        "minutes": None if args.steps else args.minutes, "train_seconds": summary["train_seconds"], "steps": summary["step"],
         "epochs": summary["epochs"], "seconds_per_epoch": summary["train_seconds"] / max(summary["epochs"], 1e-9),
         "images_per_s": summary["images_per_s"], "aug_share": summary["aug_share"],
         "final_loss": summary["final_loss"], "knn_top1": result["knn_top1"], "probe_top1": result.get("probe_top1"),
+        "probe_l2": result.get("probe_l2"), "p_at_10": result["p_at_10"],
         "decode_seconds": load_s, "eval_seconds": result["eval_seconds"], "steps_per_epoch": spe,
     }
     print(f"images/s {figures['images_per_s']:.0f} | epochs {figures['epochs']:.2f} "
           f"({figures['seconds_per_epoch']:.1f} s/epoch) | augmentation {100 * figures['aug_share']:.1f}% of step time")
     print(f"kNN top-1 {100 * result['knn_top1']:.2f}% (k=20, T=0.07, bank 50,000) | "
-          f"linear probe top-1 {100 * (result.get('probe_top1') or 0):.2f}%")
+          f"linear probe top-1 {100 * (result.get('probe_top1') or 0):.2f}% | P@10 {result['p_at_10']:.3f}")
     print(json.dumps(figures))
     return 0
 

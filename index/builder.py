@@ -23,6 +23,11 @@ root on the first build.
 The index must belong to the model (index/identity.py), else the build stops with a one-line
 error; with `reembed` every item is first re-embedded with the new model and the index switched
 to it atomically (index/reembed.py), then the folder is brought up to date as usual.
+
+A `VectorSource` (index/vector_source.py; the Parquet shards of `index build --ray`) may supply
+what step 2 reads and computes: a file it knows under the same (path, size, mtime) takes its
+sha256, vector or failure from it, unread, and goes through the same decisions; the others are
+read and embedded here.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from index.reembed import reembed_index
 from index.scan import IMAGE_EXTENSIONS, FileJob, read_and_hash, scan_folder
 from index.schema import DB_FILE, IndexDirError
 from index.store import ImageIndex
+from index.vector_source import Precomputed, VectorSource
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +117,13 @@ class _Run:
     last_commit: float = field(default_factory=time.monotonic)
 
 
-def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Bring the index at `cfg.out` up to date with `cfg.folder`; returns the summary (also logged)."""
+def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | None = None,
+                vectors: VectorSource | None = None) -> dict[str, Any]:
+    """Bring the index at `cfg.out` up to date with `cfg.folder`; returns the summary (also logged).
+
+    `vectors`: embeddings made elsewhere for this model (the builder never checks their model: the
+    source must only answer with this model's vectors), used instead of reading and embedding.
+    """
     start = time.monotonic()
     spec = backend.spec
     root = Path(cfg.folder)
@@ -147,9 +158,12 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
             summary["reembed"] = reembedded
         run = _Run(summary)
         seen: dict[str, str] = {}
+        pre = _lookup_all(vectors, todo)
+        if vectors is not None:
+            summary["from_vector_source"] = 0
 
         def to_embed():
-            for job in read_and_hash(root, todo, workers=2, window=2 * cfg.batch_size):
+            for job in _hashed(root, todo, pre, window=2 * cfg.batch_size):
                 if job.error is not None:
                     summary["failed"].append({"path": job.path, "reason": "unreadable", "message": str(job.error)})
                     bar.update()
@@ -174,8 +188,10 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
                         summary["removed"] += index.remove([old.id])
                 else:
                     seen[job.sha256] = job.path
-                    yield job
-                    continue
+                    if job.path not in pre:
+                        yield job
+                        continue
+                    _take_precomputed(index, run, cfg, job, pre[job.path], vectors, indexed.get(job.path))
                 bar.update()
 
         with tqdm(total=len(todo), unit="img", desc="indexing", disable=not cfg.progress, smoothing=0.1) as bar:
@@ -201,6 +217,42 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
         raise
     finally:
         index.close()
+
+
+def _lookup_all(vectors: VectorSource | None, todo: list[FileJob]) -> dict[str, Precomputed]:
+    if vectors is None:
+        return {}
+    found = {job.path: vectors.lookup(job.path, job.size, job.mtime) for job in todo}
+    return {path: p for path, p in found.items() if p is not None}
+
+
+def _hashed(root: Path, todo: list[FileJob], pre: dict[str, Precomputed], window: int):
+    """The jobs in scan order (it decides which of two copies is the duplicate), each with its sha256:
+    from the vector source unread, else read and hashed here (in threads)."""
+    reader = read_and_hash(root, (j for j in todo if j.path not in pre), workers=2, window=window)
+    for job in todo:
+        known = pre.get(job.path)
+        if known is None:
+            yield next(reader)  # the reader keeps the order of the jobs it is given: this one
+        elif not known.sha256:  # the file could not be read where it was embedded
+            job.error = OSError(known.message or known.reason)
+            yield job
+        else:
+            job.sha256 = known.sha256
+            yield job
+
+
+def _take_precomputed(index: ImageIndex, run: _Run, cfg: BuildConfig, job: FileJob, known: Precomputed,
+                      vectors: VectorSource | None, old: IndexedFile | None) -> None:
+    """Stage a vector made elsewhere (or record its failure), as the embedding loop would."""
+    if known.failed:
+        run.summary["failed"].append({"path": job.path, "reason": known.reason, "message": known.message})
+        return
+    assert vectors is not None
+    _stage(run, job, vectors.vector(job.path), (known.width, known.height), old)
+    run.summary["from_vector_source"] += 1
+    if len(run.records) >= cfg.commit_every or time.monotonic() - run.last_commit > cfg.commit_interval_s:
+        _flush(index, run)
 
 
 def _indexed_copy(index: ImageIndex, job: FileJob, old: IndexedFile | None, gone: dict[str, IndexedFile]) -> str | None:

@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 # serves in one process on the CPU: nothing from `triton` (nvidia-pytriton, whose bundled
 # tritonserver needs glibc >= 2.35) nor `dev`, so it installs on older Linux too.
 DEMO_EXTRAS ?= cpu,serve,train
-# The tests add the local Triton server and the test tools; later extras (e.g. ray) join here.
-TEST_EXTRAS ?= triton,dev
+# The tests add the local Triton server, the test tools and Ray (`index build --ray`).
+TEST_EXTRAS ?= triton,dev,ray
 IMAGES ?= tests/data/cifar10-sample/train
 WORKDIR ?= demo-run
 BUDGET ?= 180

@@ -2,6 +2,7 @@
 
     simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR [--reembed]
     simsearch index build FOLDER --triton-url localhost:8001 [--protocol grpc|http] --out INDEX_DIR
+    simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR --ray [ADDRESS]   (docs/distributed.md)
     simsearch index query IMAGE --index INDEX_DIR -k 10 [--json]
     simsearch index stats --index INDEX_DIR
     simsearch index remove --index INDEX_DIR ID... | --path PATH...
@@ -29,6 +30,7 @@ from embed.preprocess import load_image_array
 from embed.spec import ModelDirError
 from index import identity
 from index.builder import BuildConfig, build_index, resolve_model_source
+from index.ray_config import add_ray_arguments, ray_config_from_args
 from index.schema import IndexDirError
 from index.store import ImageIndex
 from index.vector_index import INDEX_MODES
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "vectors until then, and a killed run resumes")
     b.add_argument("--summary", default=None, help="write the JSON summary to this file instead of stdout")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_arguments(b)
 
     q = sub.add_parser("query", help="nearest neighbours of an image", formatter_class=fmt)
     q.add_argument("image", help="image file")
@@ -108,7 +111,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
             commit_every=args.commit_every, max_pixels=args.max_pixels, index_mode=args.index_type,
             rehash=args.rehash, reembed=args.reembed, progress=not args.no_progress,
         )
-        summary = build_index(cfg, backend, source)
+        ray_cfg = ray_config_from_args(args)
+        if ray_cfg is None:
+            summary = build_index(cfg, backend, source)
+        else:  # imported only here: a build without --ray never loads Ray or pyarrow
+            from index.ray_build import build_index_on_ray
+
+            summary = build_index_on_ray(cfg, backend, source, ray_cfg)
     finally:
         backend.close()
     text = json.dumps(summary, indent=2)

@@ -102,10 +102,13 @@ def test_only_modules() -> tuple[str, ...]:
     """Top-level modules of what `make test` installs and `make demo` does not."""
     demo = _closure(_requirements(makefile_extras("DEMO_EXTRAS"), base=True))
     extra = _closure(_requirements(makefile_extras("TEST_EXTRAS"), base=False)) - demo
+    # a namespace package that a demo distribution also fills (opentelemetry: fastapi's -api and
+    # ray's -sdk; google) is the demo's too
     modules = {
         module
         for module, dists in metadata.packages_distributions().items()
         if any(canonicalize_name(d) in extra for d in dists) and module.isidentifier()
+        and not any(canonicalize_name(d) in demo for d in dists)
     }
     return tuple(sorted(modules))
 

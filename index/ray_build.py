@@ -1,0 +1,100 @@
+"""`index build --ray`: embed a folder on a Ray cluster into Parquet shards, then ingest them with
+the normal builder.
+
+1. Open (or create) the index for this folder and model as the single-process build does, so a
+   wrong model or folder is refused in one line before any cluster work.
+2. Scan the folder (embed/files.py: the one walk, so the same files as without --ray). The files
+   to embed are those whose (path, size, mtime) neither the index nor a shard of this model has
+   (index/shards.py: `ShardSet.settled`; a failed file counts as done unless its failure was
+   "unreadable" or `--max-pixels` changed), or every file with `--rehash`.
+3. Embed them on the cluster into the shard directory (index/ray_embed.py). Not started at all
+   when there is nothing to embed, so a re-run of an up-to-date folder needs no cluster.
+4. `build_index` with the shards as its `VectorSource`: moves, touches, duplicates, deletions,
+   failures, commits and the summary are those of the single-process build; a file no shard
+   knows (changed after step 2) is read and embedded on this machine, as without --ray.
+5. Unless `--keep-shards`: the shards are replaced by one holding only the failed files' rows
+   (what step 2 needs next time); the vectors are in the index now.
+
+A run killed at any point resumes: shards are whole or absent, the index commits as usual, and
+step 2 skips what either holds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from embed.backends.base import Backend
+from index.builder import BuildConfig, build_index, open_index_for
+from index.ray_config import RayConfig
+from index.scan import scan_folder
+
+logger = logging.getLogger(__name__)
+
+SHARD_SUBDIR = "shards"
+
+
+def default_shard_dir(index_dir: str | os.PathLike[str]) -> Path:
+    return Path(index_dir) / SHARD_SUBDIR
+
+
+def build_index_on_ray(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any],
+                       ray_cfg: RayConfig) -> dict[str, Any]:
+    """Bring the index at `cfg.out` up to date with `cfg.folder`, embedding on Ray; returns the
+    builder's summary with a "ray" section for the Ray stage."""
+    missing = [m for m in ("ray", "pyarrow") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"--ray needs {', '.join(missing)}: pip install 'simsearch[ray]' (the `ray` extra)")
+    from index.ray_embed import embed_on_ray
+    from index.shards import ShardSet, shard_meta
+
+    start = time.monotonic()
+    spec = backend.spec
+    if not spec.fingerprint:
+        raise ValueError(f"model {spec.name!r} v{spec.version} has no fingerprint (exported before fingerprints "
+                         "existed): shards must name their model, so re-export it to use --ray")
+    if cfg.reembed:
+        raise ValueError("--ray does not re-embed an index of another model yet: run --reembed without --ray")
+    root = str(Path(cfg.folder).resolve())
+    index, _ = open_index_for(cfg, spec)
+    try:
+        indexed = {f.path: (f.size, f.mtime) for f in index.files() if not os.path.isabs(f.path)}
+    finally:
+        index.close()
+    shard_dir = Path(ray_cfg.shard_dir) if ray_cfg.shard_dir else default_shard_dir(cfg.out)
+    meta = shard_meta(spec, root, cfg.max_pixels)
+    on_disk = scan_folder(root, cfg.extensions)
+    shards = ShardSet.load(shard_dir, spec, root)
+    todo: list[tuple[str, int, float]] = []
+    in_index = in_shards = 0
+    for p, s in on_disk.items():
+        if cfg.rehash:
+            todo.append((p, s.size, s.mtime))
+        elif indexed.get(p) == (s.size, s.mtime):
+            in_index += 1
+        elif shards.settled(p, s.size, s.mtime, cfg.max_pixels):
+            in_shards += 1
+        else:
+            todo.append((p, s.size, s.mtime))
+    logger.info("%d files: %d to embed on Ray, %d unchanged in the index, %d done in shards", len(on_disk),
+                len(todo), in_index, in_shards)
+    stage = embed_on_ray(todo, root=root, shard_dir=shard_dir, spec=spec, model_source=model_source, meta=meta,
+                         cfg=ray_cfg, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=cfg.progress)
+    if todo:
+        shards = ShardSet.load(shard_dir, spec, root)
+    summary = build_index(cfg, backend, model_source, vectors=shards)
+    stage.update(unchanged_in_index=in_index, done_in_shards=in_shards, shard_dir=str(shard_dir),
+                 shards_ignored=shards.ignored)
+    if not ray_cfg.keep_shards and shards.files:
+        still_failing = {f["path"] for f in summary["failed"]}
+        keep = [p for p in still_failing if p in shards.rows and shards.rows[p].known.failed]
+        stage["compacted"] = shards.compact(keep, meta)
+    summary["ray"] = stage
+    elapsed = time.monotonic() - start
+    summary.update(elapsed_s=round(elapsed, 3),
+                   images_per_s=round(summary["embedded"] / elapsed, 2) if elapsed > 0 else 0.0)
+    return summary

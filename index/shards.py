@@ -1,0 +1,266 @@
+"""Embedding shards: the Parquet files `index build --ray` writes and the index ingests.
+
+One shard is one Parquet file `shard-<key>.parquet` with a row per file:
+
+    path     string   relative to the indexed folder's root, '/'-separated (as index/scan.py)
+    size     int64    bytes, as stat'ed right after reading (the builder's rule)
+    mtime    float64  seconds, as stat'ed right after reading
+    sha256   string   of the bytes read; "" when the file could not be read
+    width    int32    original upright size (0 for a failed file)
+    height   int32
+    vector   fixed_size_list<float32>[D]; zeros for a failed file
+    reason   string   "" when embedded; else the DecodeError reason or "unreadable"
+    message  string   the error's message
+
+and, in the schema's metadata under b"simsearch", the model's fingerprint, name, version and
+dimension, the folder's root, the `max_pixels` limit the files were decoded under and the time it
+was written. A shard of another model or another folder is never ingested (`ShardSet.load` skips
+it with a warning), so a shard directory shared by mistake cannot mix models.
+
+A shard is written to a hidden temporary name and renamed into place (embed/atomic.py), so a
+reader sees it whole or not at all; its key is a hash of the rows' (path, size, mtime), so a
+Ray task that is retried after a worker died rewrites the same file instead of adding a copy.
+Where two shards hold the same path, the one written last counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embed.atomic import atomic_write
+from embed.spec import ModelSpec
+from index.vector_source import Precomputed
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "simsearch-shard"
+FORMAT_VERSION = 1
+META_KEY = b"simsearch"
+SHARD_GLOB = "shard-*.parquet"
+# Failures that say nothing about the file's bytes: tried again by every run.
+TRANSIENT_REASONS = frozenset({"unreadable"})
+# A temporary shard file this old was left by a killed writer (writing one takes seconds).
+STALE_TMP_S = 3600.0
+
+
+def shard_schema(dim: int, meta: Mapping[str, Any]) -> pa.Schema:
+    return pa.schema([
+        ("path", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()), ("sha256", pa.string()),
+        ("width", pa.int32()), ("height", pa.int32()), ("vector", pa.list_(pa.float32(), dim)),
+        ("reason", pa.string()), ("message", pa.string()),
+    ], metadata={META_KEY: json.dumps(dict(meta), sort_keys=True).encode()})
+
+
+def shard_meta(spec: ModelSpec, root: str, max_pixels: int) -> dict[str, Any]:
+    """What a shard records about how its rows were made (everything but the time of writing)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": spec.fingerprint,
+            "model_name": spec.name, "model_version": spec.version, "dim": spec.embedding_dim,
+            "root": root, "max_pixels": max_pixels}
+
+
+def shard_key(paths: Iterable[str], sizes: Iterable[int], mtimes: Iterable[float]) -> str:
+    h = hashlib.sha256()
+    for p, s, m in zip(paths, sizes, mtimes, strict=True):
+        h.update(f"{p}\0{int(s)}\0{float(m)!r}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def write_shard(shard_dir: str | os.PathLike[str], meta: Mapping[str, Any], columns: Mapping[str, Any]) -> str:
+    """Write one shard atomically from column arrays (the names above; `vector` float32 [N, D], any
+    values on failed rows); returns the file name."""
+    n = len(columns["path"])
+    dim = int(meta["dim"])
+    reasons = [str(r or "") for r in columns["reason"]]
+    vectors = np.ascontiguousarray(np.asarray(columns["vector"], dtype=np.float32).reshape(n, dim))
+    failed = np.array([bool(r) for r in reasons], dtype=bool)
+    # zeros on failed rows: Parquet cannot store null entries of a fixed-size list (`reason` says it)
+    vectors[failed] = 0.0
+    vector_col = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+    schema = shard_schema(dim, {**meta, "written_at": time.time()})
+    table = pa.Table.from_arrays([
+        pa.array([str(p) for p in columns["path"]], pa.string()),
+        pa.array(np.asarray(columns["size"], dtype=np.int64)),
+        pa.array(np.asarray(columns["mtime"], dtype=np.float64)),
+        pa.array([str(s or "") for s in columns["sha256"]], pa.string()),
+        pa.array(np.asarray(columns["width"], dtype=np.int32)),
+        pa.array(np.asarray(columns["height"], dtype=np.int32)),
+        vector_col,
+        pa.array(reasons, pa.string()),
+        pa.array([str(m or "") for m in columns["message"]], pa.string()),
+    ], schema=schema)
+    name = f"shard-{shard_key(table['path'].to_pylist(), columns['size'], columns['mtime'])}.parquet"
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(shard_dir / name, lambda f: pq.write_table(table, f, compression="zstd"))
+    return name
+
+
+def read_shard_meta(path: Path) -> dict[str, Any]:
+    raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is not a simsearch shard (no {META_KEY.decode()!r} metadata)")
+    return json.loads(raw)
+
+
+@dataclass(frozen=True)
+class _Row:
+    shard: int  # index into ShardSet.files
+    row: int
+    size: int
+    mtime: float
+    known: Precomputed
+
+
+class ShardSet:
+    """Every usable shard of a directory, looked up by path; a `VectorSource` for the builder.
+
+    Only the rows' metadata is held in memory; vectors are read shard by shard when the builder
+    asks, keeping the last few shards' vectors (`cache_bytes`).
+    """
+
+    def __init__(self, shard_dir: Path, files: list[Path], rows: dict[str, _Row], max_pixels: dict[int, int],
+                 ignored: list[dict[str, str]], cache_bytes: int) -> None:
+        self.shard_dir = shard_dir
+        self.files = files
+        self.rows = rows
+        self.ignored = ignored
+        self._max_pixels = max_pixels
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_bytes = cache_bytes
+
+    @classmethod
+    def load(cls, shard_dir: str | os.PathLike[str], spec: ModelSpec, root: str, *,
+             cache_bytes: int = 256 << 20) -> ShardSet:
+        """The shards of this model (fingerprint) and folder (root) under `shard_dir` (may be missing)."""
+        shard_dir = Path(shard_dir)
+        found: list[tuple[float, str, Path]] = []
+        ignored: list[dict[str, str]] = []
+        paths = sorted(shard_dir.glob(SHARD_GLOB)) if shard_dir.is_dir() else []
+        for path in paths:
+            try:
+                meta = read_shard_meta(path)
+            except (OSError, ValueError, pa.ArrowException) as e:
+                ignored.append({"shard": path.name, "why": f"unreadable: {e}"})
+                continue
+            why = _mismatch(meta, spec, root)
+            if why:
+                ignored.append({"shard": path.name, "why": why})
+                continue
+            found.append((float(meta.get("written_at", 0.0)), path.name, path))
+        for item in ignored:
+            logger.warning("%s: ignoring shard %s: %s", shard_dir, item["shard"], item["why"])
+        files: list[Path] = []
+        rows: dict[str, _Row] = {}
+        max_pixels: dict[int, int] = {}
+        for _, _, path in sorted(found):  # oldest first: a later shard's row for a path wins
+            try:
+                table = pq.read_table(path, columns=["path", "size", "mtime", "sha256", "width", "height",
+                                                     "reason", "message"])
+                meta = read_shard_meta(path)
+            except (OSError, pa.ArrowException) as e:
+                logger.warning("%s: ignoring shard %s: unreadable: %s", shard_dir, path.name, e)
+                ignored.append({"shard": path.name, "why": f"unreadable: {e}"})
+                continue
+            i = len(files)
+            files.append(path)
+            max_pixels[i] = int(meta.get("max_pixels", 0))
+            cols = table.to_pydict()
+            for r, p in enumerate(cols["path"]):
+                rows[p] = _Row(i, r, int(cols["size"][r]), float(cols["mtime"][r]), Precomputed(
+                    sha256=cols["sha256"][r] or "", width=int(cols["width"][r]), height=int(cols["height"][r]),
+                    reason=cols["reason"][r] or "", message=cols["message"][r] or ""))
+        return cls(shard_dir, files, rows, max_pixels, ignored, cache_bytes)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lookup(self, path: str, size: int, mtime: float) -> Precomputed | None:
+        row = self.rows.get(path)
+        if row is None or (row.size, row.mtime) != (size, mtime):
+            return None
+        return row.known
+
+    def settled(self, path: str, size: int, mtime: float, max_pixels: int) -> bool:
+        """True when this file needs no new embedding: a vector for it, or a failure that the same
+        bytes under the same `max_pixels` limit would repeat."""
+        known = self.lookup(path, size, mtime)
+        if known is None:
+            return False
+        if not known.failed:
+            return True
+        row = self.rows[path]
+        return known.reason not in TRANSIENT_REASONS and self._max_pixels[row.shard] == max_pixels
+
+    def vector(self, path: str) -> np.ndarray:
+        row = self.rows[path]
+        if row.known.failed:
+            raise KeyError(f"{path} failed ({row.known.reason}): it has no vector")
+        return self._vectors(row.shard)[row.row]
+
+    def _vectors(self, shard: int) -> np.ndarray:
+        cached = self._cache.get(shard)
+        if cached is not None:
+            self._cache.move_to_end(shard)
+            return cached
+        column = pq.read_table(self.files[shard], columns=["vector"]).column("vector").combine_chunks()
+        dim = column.type.list_size
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        vectors = values.reshape(len(column), dim)
+        self._cache[shard] = vectors
+        while len(self._cache) > 1 and sum(v.nbytes for v in self._cache.values()) > self._cache_bytes:
+            self._cache.popitem(last=False)
+        return vectors
+
+    def compact(self, keep: Iterable[str], meta: Mapping[str, Any]) -> dict[str, int]:
+        """After the index has ingested the shards: rewrite the rows of `keep` (the failures that still
+        describe the folder's files) into one shard and delete every shard this set loaded, and
+        temporary files that killed writers left over an hour ago. Shards written meanwhile by
+        another run, and shards of other models, are left alone."""
+        keep = sorted(p for p in set(keep) if p in self.rows)
+        written = ""
+        if keep:
+            rows = [self.rows[p] for p in keep]
+            dim = int(meta["dim"])
+            written = write_shard(self.shard_dir, meta, {
+                "path": keep, "size": [r.size for r in rows], "mtime": [r.mtime for r in rows],
+                "sha256": [r.known.sha256 for r in rows], "width": [r.known.width for r in rows],
+                "height": [r.known.height for r in rows], "vector": np.zeros((len(rows), dim), np.float32),
+                "reason": [r.known.reason for r in rows], "message": [r.known.message for r in rows]})
+        removed = 0
+        for path in self.files:
+            if path.name != written:
+                path.unlink(missing_ok=True)
+                removed += 1
+        for tmp in self.shard_dir.glob(".shard-*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+        return {"shards_removed": removed, "failures_kept": len(keep)}
+
+
+def _mismatch(meta: Mapping[str, Any], spec: ModelSpec, root: str) -> str:
+    """Why a shard must not be ingested for this model and folder ("" when it may)."""
+    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) != FORMAT_VERSION:
+        return f"format {meta.get('format')!r} v{meta.get('format_version')}, expected {FORMAT!r} v{FORMAT_VERSION}"
+    if not meta.get("model_fingerprint") or meta["model_fingerprint"] != spec.fingerprint:
+        return (f"written by model {meta.get('model_name')!r} v{meta.get('model_version')} (fingerprint "
+                f"{str(meta.get('model_fingerprint'))[:12]}…), not this model (fingerprint {spec.fingerprint[:12]}…)")
+    if int(meta.get("dim", 0)) != spec.embedding_dim:
+        return f"dimension {meta.get('dim')}, this model's is {spec.embedding_dim}"
+    if meta.get("root") != root:
+        return f"made for the folder {meta.get('root')!r}, not {root!r}"
+    return ""

@@ -104,6 +104,7 @@ def _open_backend(args: argparse.Namespace, index: ImageIndex | None = None) -> 
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    ray_cfg = ray_config_from_args(args)  # a flag error before the model loads
     backend, source = _open_backend(args)
     try:
         cfg = BuildConfig(
@@ -111,7 +112,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
             commit_every=args.commit_every, max_pixels=args.max_pixels, index_mode=args.index_type,
             rehash=args.rehash, reembed=args.reembed, progress=not args.no_progress,
         )
-        ray_cfg = ray_config_from_args(args)
         if ray_cfg is None:
             summary = build_index(cfg, backend, source)
         else:  # imported only here: a build without --ray never loads Ray or pyarrow

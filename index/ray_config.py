@@ -66,9 +66,18 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-files-per-task", type=int, default=256, help="files per read-and-decode task")
 
 
+# the flags above other than --ray, with their defaults: given without --ray they would do nothing
+_RAY_ONLY = {"shard_dir": None, "shard_rows": 4096, "keep_shards": False, "ray_actors": 0, "ray_cpus_per_actor": 1.0,
+             "ray_gpus_per_actor": None, "ray_actor_resources": {}, "ray_decode": "auto", "ray_decode_cpus": 1.0,
+             "ray_files_per_task": 256}
+
+
 def ray_config_from_args(args: argparse.Namespace) -> RayConfig | None:
     """The RayConfig the flags ask for, or None without --ray."""
     if args.ray is None:
+        given = ["--" + k.replace("_", "-") for k, default in _RAY_ONLY.items() if getattr(args, k) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --ray")
         return None
     resources: Any = args.ray_actor_resources
     if not isinstance(resources, dict) or not all(isinstance(v, int | float) for v in resources.values()):

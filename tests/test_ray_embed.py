@@ -260,3 +260,26 @@ def test_a_build_without_ray_imports_neither_ray_nor_pyarrow(tiny: Path, tmp_pat
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert _summary(tmp_path / "s.json")["added"] == len(list(folder.glob("*.jpg")))
+
+
+def test_ray_flags_need_ray(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["build", str(tmp_path), "--model", str(tiny), "--out", str(tmp_path / "idx"), "--shard-rows", "8"])
+    assert rc == 2 and "--shard-rows only apply with --ray" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()
+
+
+@needs_ray
+def test_actor_plan_follows_the_cluster() -> None:
+    from index.ray_config import RayConfig
+    from index.ray_embed import ActorPlan, plan_actors
+
+    # GPUs: one actor per GPU (or per gpus_per_actor), decoding in tasks on the CPUs
+    assert plan_actors({"CPU": 64, "GPU": 4}, RayConfig()) == ActorPlan(4, 1.0, 1.0, False)
+    assert plan_actors({"CPU": 64, "GPU": 4}, RayConfig(gpus_per_actor=0.5)) == ActorPlan(8, 1.0, 0.5, False)
+    # CPUs only: each actor decodes its own files, one actor per cpus_per_actor CPUs
+    assert plan_actors({"CPU": 16}, RayConfig()) == ActorPlan(16, 1.0, 0.0, True)
+    assert plan_actors({"CPU": 16}, RayConfig(cpus_per_actor=4)) == ActorPlan(4, 4, 0.0, True)
+    # decoding in tasks on CPUs: half of what one decoding task leaves
+    assert plan_actors({"CPU": 16}, RayConfig(decode="tasks")) == ActorPlan(7, 1.0, 0.0, False)
+    assert plan_actors({"CPU": 2}, RayConfig(decode="tasks")) == ActorPlan(1, 1.0, 0.0, False)
+    assert plan_actors({"CPU": 2}, RayConfig(actors=3)).actors == 3  # asked for: warned, not refused

@@ -23,8 +23,9 @@ from embed.backends.base import Backend
 from index.identity import IndexModelMismatch
 from server.body_limit import BodySizeLimitMiddleware
 from server.errors import ErrorResponse, install_error_handlers
+from server.fastpath import EmbedFastPath
 from server.metrics import Metrics, MetricsMiddleware
-from server.routes import duplicates, embed, health, items, page, search
+from server.routes import embed, health, items, page, search
 from server.schemas import EmbedJSON, ItemJSON, SearchJSON
 from server.settings import Settings
 from server.state import close_resources, open_resources
@@ -81,11 +82,12 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     app.state.resources = None
     install_error_handlers(app)
     app.add_exception_handler(IndexModelMismatch, _model_mismatch)
-    for module in (embed, search, items, health, page, duplicates):
+    for module in (embed, search, items, health, page):
         app.include_router(module.router)
     page.mount_static(app)
 
     # added innermost first: metrics sees everything, including 413s from the body limit
+    app.add_middleware(EmbedFastPath, state=app.state)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(

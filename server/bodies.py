@@ -64,9 +64,15 @@ def too_many(n: int, limit: int) -> ApiError:
 
 async def read_multipart(request: Request, *, file_fields: tuple[str, ...], max_files: int) -> MultipartBody:
     """Every part named in `file_fields` is an image (a file part, or a plain field's bytes)."""
+    content = request.headers.get("content-type", "")
+    return parse_multipart(await request.body(), content, file_fields=file_fields, max_files=max_files)
+
+
+def parse_multipart(body: bytes, content: str, *, file_fields: tuple[str, ...], max_files: int) -> MultipartBody:
+    """A multipart body read whole (its Content-Type header `content`): images and fields; 400 when
+    malformed, 413 when it has more than `max_files` images."""
     try:
-        boundary = multipart.boundary_of(request.headers.get("content-type", ""))
-        body = await request.body()
+        boundary = multipart.boundary_of(content)
         uploads: list[Upload] = []
         fields: dict[str, str] = {}
         n_fields = 0

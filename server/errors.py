@@ -97,9 +97,14 @@ def _json(status: int, body: ErrorResponse, headers: dict[str, str] | None = Non
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
+def error_response(exc: ApiError) -> JSONResponse:
+    """The answer to an ApiError (routes raise it; server/fastpath.py answers it itself)."""
+    return _json(exc.status, ErrorResponse(detail=exc.detail, reason=exc.reason, errors=exc.errors), exc.headers)
+
+
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return _json(exc.status, ErrorResponse(detail=exc.detail, reason=exc.reason, errors=exc.errors), exc.headers)
+    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -11,10 +11,17 @@ parameters are still parsed by python-multipart's `parse_options_header` (quotin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
+
+# The shapes every client library sends, read with one regex each; anything else (other parameter
+# order, escapes, extra parameters) goes through parse_options_header, which gives the same values
+# for these shapes (a profile put it at ~6% of a small request's interpreter time)
+_SIMPLE_CONTENT_TYPE = re.compile(r"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,./:=?-]{1,70})", re.IGNORECASE)
+_SIMPLE_DISPOSITION = re.compile(rb'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
 
 
 class MultipartError(ValueError):
@@ -30,6 +37,8 @@ class Part:
 
 def boundary_of(content_type: str) -> bytes:
     """The boundary parameter of a `multipart/form-data; boundary=...` content type."""
+    if simple := _SIMPLE_CONTENT_TYPE.fullmatch(content_type):
+        return simple.group(1).encode("latin-1")
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
@@ -58,6 +67,9 @@ def _part(headers: bytes, data: bytes) -> Part:
             disposition = value.strip()
     if disposition is None:
         raise MultipartError("a part has no Content-Disposition header")
+    if simple := _SIMPLE_DISPOSITION.fullmatch(disposition):
+        name, filename = simple.groups()
+        return Part(decode_text(name), None if filename is None else decode_text(filename), data)
     _, options = parse_options_header(disposition)
     if b"name" not in options:
         raise MultipartError('the Content-Disposition header field "name" must be provided')

@@ -48,12 +48,12 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+FILE_FIELDS = ("files", "file")  # multipart parts that carry images
+
+
 async def read_uploads(request: Request, max_images: int) -> list[Upload]:
-    body = await read_image_body(
-        request, EmbedJSON, lambda j: j.images, file_fields=("files", "file"), max_images=max_images
-    )
-    if not body.uploads:
-        raise ApiError(422, "no_images", "no images in the request: send one or more `files` parts")
+    body = await read_image_body(request, EmbedJSON, lambda j: j.images, file_fields=FILE_FIELDS,
+                                 max_images=max_images)
     return body.uploads
 
 
@@ -119,12 +119,20 @@ def _npy_answer(res: Resources, results: list[Embedded | ErrorItem]) -> Response
 )
 async def embed_images(request: Request, res: Annotated[Resources, Depends(get_resources)]) -> Response:
     uploads = await read_uploads(request, res.settings.max_images_per_request)
+    return await answer(res, uploads, request.headers.get("accept", ""))
+
+
+async def answer(res: Resources, uploads: list[Upload], accept: str) -> Response:
+    """The answer to an embed request with these images; raises ApiError. Shared by the route and
+    its fast path (server/fastpath.py), so the two cannot answer differently."""
+    if not uploads:
+        raise ApiError(422, "no_images", "no images in the request: send one or more `files` parts")
     results = await res.pipeline.embed(uploads)
     errors = [r for r in results if isinstance(r, ErrorItem)]
     if len(errors) == len(results):
         api_error = error_for(errors[0])
         api_error.errors = errors
         raise api_error
-    if wants_npy(request.headers.get("accept", "")):
+    if wants_npy(accept):
         return _npy_answer(res, results)
     return _json_answer(res, results)

@@ -7,6 +7,7 @@ can run `serve`, `index` and `triton`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module with main(argv), one-line help)
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"simsearch: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    # FAISS and PyTorch run OpenMP; its threads spin while they wait by default, which on a machine
+    # whose cores are shared (serve --workers N, an indexer beside a server) makes a k-means or a
+    # batched search tens of times slower. Set before the libraries load; the user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:  # a serving-only install, or the API image (no PyTorch, no tritonlocal)

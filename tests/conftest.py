@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ from skipguard import (  # noqa: F401  (pytest finds hooks by name in this modul
 )
 
 TESTS_DIR = Path(__file__).parent
+
+# --- index scale (issue 12): OpenMP threads that wait passively, as `simsearch` sets them (simsearch/cli.py);
+# set before FAISS loads, so k-means and batched searches do not spin on the shared cores of a test run
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # --- export (issue 3) ---------------------------------------------------------------------------

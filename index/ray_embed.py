@@ -28,6 +28,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,25 +199,24 @@ def embed_on_ray(files: list[tuple[str, int, float]], *, root: str, shard_dir: s
         ds = ray.data.from_items([{"path": p, "size": s, "mtime": m} for p, s, m in files],
                                  override_num_blocks=-(-len(files) // cfg.files_per_task))
         decode = {"root": root, "rule": ResizeRule.of(spec), "max_pixels": max_pixels}
-        if not plan.decode_in_actors:
+        with warnings.catch_warnings():
             # Ray Data fuses a task operator into the next actor operator when their resources and
-            # scheduling strategies agree: a strategy of their own keeps these tasks apart
-            # (and spreads the decoding over the nodes).
-            ds = ds.map_batches(read_and_decode, batch_size=None, batch_format="numpy", num_cpus=cfg.decode_cpus,
-                                fn_kwargs=decode, scheduling_strategy="SPREAD")
-        actor_args: dict[str, Any] = {"num_cpus": plan.cpus_per_actor, "scheduling_strategy": "DEFAULT"}
-        if plan.gpus_per_actor:
-            actor_args["num_gpus"] = plan.gpus_per_actor
-        if cfg.actor_resources:
-            actor_args["resources"] = dict(cfg.actor_resources)
-        ds = ds.map_batches(
-            EmbedActor, batch_size=batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=plan.actors),
-            fn_constructor_kwargs={
-                "model": ray.put(model_payload(model_source)), "fingerprint": spec.fingerprint,
-                "batch_size": batch_size, "intra_op_threads": max(1, round(plan.cpus_per_actor)),
-                "decode": decode if plan.decode_in_actors else None},
-            **actor_args)
+            # scheduling strategies agree: a strategy of their own keeps the decoding tasks apart
+            # (and spreads them over the nodes). Ray 2.64 drops scheduling_strategy as a keyword
+            # (deprecated since 2.60, hence the filter); the `ray` extra pins 2.60.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            if not plan.decode_in_actors:
+                ds = ds.map_batches(read_and_decode, batch_size=None, batch_format="numpy", num_cpus=cfg.decode_cpus,
+                                    fn_kwargs=decode, scheduling_strategy="SPREAD")
+            ds = ds.map_batches(
+                EmbedActor, batch_size=batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                fn_constructor_kwargs={
+                    "model": ray.put(model_payload(model_source)), "fingerprint": spec.fingerprint,
+                    "batch_size": batch_size, "intra_op_threads": max(1, round(plan.cpus_per_actor)),
+                    "decode": decode if plan.decode_in_actors else None},
+                num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+                resources=dict(cfg.actor_resources) or None, scheduling_strategy="DEFAULT")
         # Writing a shard is I/O: no CPU reserved, so that actors holding every CPU cannot starve it;
         # a pool of its own instead (without a cap, zero-CPU tasks would start a worker each).
         ds = ds.map_batches(write_shard_rows, batch_size=cfg.shard_rows, batch_format="numpy", num_cpus=0,

@@ -127,7 +127,9 @@ def test_ray_cluster_build_equals_single_process_survives_kills_and_resumes(tiny
         assert 0 < len(done_before) < n_files
 
         # 2. the same command resumes; its embedding actor (on the second node) is killed mid-run
-        second = _ray_build(sample, tiny, out, tmp_path / "s2.json", log, cluster.address, "--ray-decode", "tasks")
+        # small decoding tasks: the run lasts long enough for the actor to be found while it works
+        second = _ray_build(sample, tiny, out, tmp_path / "s2.json", log, cluster.address, "--ray-decode", "tasks",
+                            "--ray-files-per-task", "16")
         victim = None
         deadline = time.monotonic() + 300
         while victim is None and second.poll() is None and time.monotonic() < deadline:

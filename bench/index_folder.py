@@ -4,6 +4,7 @@ recall@10 of the approximate (IVF) index against exact search on real embeddings
     python bench/index_folder.py                          # CIFAR-10 test + generated photos + recall
     python bench/index_folder.py --model MODEL_DIR        # a given model directory
     python bench/index_folder.py --limit 500 --skip-recall   # quick look
+    python bench/index_folder.py --ray --skip-recall --skip-photos   # + `index build --ray` on a local Ray
 
 Folders: the CIFAR-10 test set (10,000 JPEGs of 32x32, extracted from ../shared/data at
 /tmp/cifar/cifar10/test) and a folder of larger photos generated from the real photos in
@@ -16,6 +17,13 @@ one thread, as the build does), and the whole build (scan, hash, decode, embed, 
 goal: build >= 85% of the slower of the two. On a machine where decoding and inference share the
 same few cores, the build cannot beat the shared-CPU bound 1 / (1/decode + 1/inference), which is
 printed too. Prints each figure, then one JSON object.
+
+With --ray [ADDRESS], the same folder is also indexed by `index build --ray` (docs/distributed.md)
+into a fresh index, `--ray-runs` times on one Ray cluster (a new local one on every CPU without
+ADDRESS, started before the clock runs, as a standing cluster would be): whole-command images/s,
+its ratio to the plain build (goal >= 0.8 on 2 cores), images/s per embedding actor (what each
+added machine's actors bring), the Ray stage alone, and the ingestion. The load average is
+printed: figures from a shared machine are noisy.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -136,8 +145,48 @@ def bench_folder(folder: Path, model: Path, args: argparse.Namespace, work: Path
         "build_over_shared_cpu_bound": round(build * (1 / decode + 1 / infer), 3),
         "build_seconds": round(build_s, 2),
     }
+    if args.ray is not None:
+        result["ray"] = [bench_ray(folder, model, args, work, build, i) for i in range(args.ray_runs)]
     for k, v in result.items():
         print(f"  {k:32s} {v}")
+    return result
+
+
+def bench_ray(folder: Path, model: Path, args: argparse.Namespace, work: Path, plain: float, run: int) -> dict[str, Any]:
+    """One `index build --ray` of `folder` into a fresh index; figures against the plain build's images/s."""
+    import ray
+
+    from index.ray_build import build_index_on_ray
+    from index.ray_config import RayConfig
+
+    init_s = 0.0
+    if not ray.is_initialized():
+        t0 = time.perf_counter()
+        ray.init(address=args.ray or None, logging_level=logging.WARNING)
+        init_s = time.perf_counter() - t0
+    out = work / f"index-ray-{folder.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = BuildConfig(folder=str(folder), out=str(out), batch_size=args.batch_size,
+                      decode_workers=args.decode_workers, progress=False)
+    ray_cfg = RayConfig(address=args.ray or None, actors=args.ray_actors, decode=args.ray_decode)
+    backend = open_backend(model_dir=str(model), max_batch_size=args.batch_size)
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    summary = build_index_on_ray(cfg, backend, {"model_dir": str(model)}, ray_cfg)
+    seconds = time.perf_counter() - t0
+    backend.close()
+    stage = summary["ray"]
+    rate = summary["embedded"] / seconds
+    result = {
+        "run": run + 1, "ray_init_s": round(init_s, 2), "nodes": stage["nodes"], "cluster": stage["cluster"],
+        "actors": stage["actors"], "decode": stage["decode"], "embedded": summary["embedded"],
+        "ray_build_images_per_s": round(rate, 1), "ray_over_plain_build": round(rate / plain, 3),
+        "images_per_s_per_actor": round(rate / stage["actors"], 1),
+        "ray_stage_images_per_s": stage["images_per_s"], "ray_stage_s": stage["elapsed_s"],
+        "ingest_s": round(seconds - stage["elapsed_s"], 2), "seconds": round(seconds, 2),
+        "load_avg_1m_before": round(load, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
+    }
+    print(f"  ray run {run + 1}: {json.dumps(result)}")
     return result
 
 
@@ -227,12 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-recall", action="store_true", help="throughput only")
     p.add_argument("--skip-photos", action="store_true", help="CIFAR only")
     p.add_argument("--skip-throughput", action="store_true", help="recall only")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="also `index build --ray` each folder (no ADDRESS: a new local Ray on every CPU)")
+    p.add_argument("--ray-runs", type=int, default=2, help="Ray builds per folder (the first starts the workers)")
+    p.add_argument("--ray-actors", type=int, default=0, help="embedding actors (0: the --ray default)")
+    p.add_argument("--ray-decode", choices=("auto", "tasks", "actors"), default="auto", help="where Ray decodes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.model or make_model(args.work, args.arch, args.width)
     print(f"model {model}; decode workers {args.decode_workers}; batch {args.batch_size}")
-    report: dict[str, Any] = {"model": str(model), "decode_workers": args.decode_workers, "batch_size": args.batch_size}
+    report: dict[str, Any] = {"model": str(model), "decode_workers": args.decode_workers, "batch_size": args.batch_size,
+                              "cpus": os.cpu_count(), "load_avg_1m_start": round(os.getloadavg()[0], 2)}
     if not args.skip_throughput:
         print(f"CIFAR-10 test folder {args.cifar}")
         report["cifar"] = bench_folder(args.cifar, model, args, args.work)
@@ -243,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_recall:
         print("IVF recall@10 vs exact search")
         report["recall"] = bench_recall(model, args, args.work)
+    if args.ray is not None:
+        import ray
+
+        ray.shutdown()
     print(json.dumps(report, indent=2))
     return 0
 

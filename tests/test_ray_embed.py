@@ -113,9 +113,11 @@ def test_ray_cluster_build_equals_single_process_survives_kills_and_resumes(tiny
     assert {f["path"]: f["reason"] for f in ref_summary["failed"]} == MESSY_FAILURES
     out, shards, log = tmp_path / "ray.index", tmp_path / "ray.index" / "shards", tmp_path / "ray-build.log"
     cluster = LocalRayCluster(head_cpus=1, worker_cpus=1, worker_resources={"worker2": 1}).start()
+    drivers: list[subprocess.Popen] = []
     try:
         # 1. the driver is killed (kill -9) once the first shard is written: whole shards stay, no index rows
         first = _ray_build(sample, tiny, out, tmp_path / "s1.json", log, cluster.address, "--ray-decode", "actors")
+        drivers.append(first)
         deadline = time.monotonic() + 300
         while not list(shards.glob("shard-*.parquet")) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -130,6 +132,7 @@ def test_ray_cluster_build_equals_single_process_survives_kills_and_resumes(tiny
         # small decoding tasks: the run lasts long enough for the actor to be found while it works
         second = _ray_build(sample, tiny, out, tmp_path / "s2.json", log, cluster.address, "--ray-decode", "tasks",
                             "--ray-files-per-task", "16")
+        drivers.append(second)
         victim = None
         deadline = time.monotonic() + 300
         while victim is None and second.poll() is None and time.monotonic() < deadline:
@@ -167,6 +170,10 @@ def test_ray_cluster_build_equals_single_process_survives_kills_and_resumes(tiny
         assert {f["path"]: f["reason"] for f in s3["failed"]} == MESSY_FAILURES
         _assert_same_index(_contents(out), reference)
     finally:
+        for proc in drivers:  # a failed assertion can leave one running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         cluster.stop()
 
 
@@ -268,6 +275,14 @@ def test_ray_flags_need_ray(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFi
     rc = main(["build", str(tmp_path), "--model", str(tiny), "--out", str(tmp_path / "idx"), "--shard-rows", "8"])
     assert rc == 2 and "--shard-rows only apply with --ray" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()
+
+
+@needs_ray
+def test_ray_refuses_reembed_before_any_cluster_work(tiny: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["build", str(tmp_path), "--model", str(tiny), "--out", str(tmp_path / "idx"), "--reembed",
+               "--ray", "127.0.0.1:1"])  # nothing listens there: refused before connecting
+    assert rc == 2 and "--ray does not re-embed" in capsys.readouterr().err
 
 
 @needs_ray

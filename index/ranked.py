@@ -6,8 +6,9 @@ candidates the same way. The candidates are fixed by the query and the search pa
 all items; IVF: the `nprobe` nearest lists, which do not depend on k), and scores are exact for a
 given vector pair, so the one thing left to pin down is ties: identical vectors (exact duplicate
 files) score identically, and FAISS breaks ties by heap position, which depends on k. Here results
-are ordered by (score descending, id ascending), and a search is widened until the cut-off at n is
-not inside a run of equal scores, so the top-n set itself is the same whatever n a page asks for.
+are ordered by (score descending, id ascending), and a search is widened until the run of scores
+equal to the one at the cut-off ends inside what was fetched, so the top-n set itself is the same
+whatever n a page asks for.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def top_n(search: SearchFn, queries: np.ndarray, n: int, ntotal: int) -> list[tu
             s, i = srow[valid], irow[valid]
             order = np.lexsort((i, -s))
             s, i = s[order], i[order]
-            tied |= len(s) > n and s[n] == s[n - 1]
+            # the run of scores equal to the cut-off may go on past what was fetched: fetch more
+            tied |= len(s) > n and len(s) == fetch and s[-1] == s[n - 1]
             out.append((s[:n], i[:n]))
         if not tied or fetch >= ntotal:
             return out

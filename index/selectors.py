@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 BITMAP_DENSITY = 128  # a bitmap when count * 128 >= max_id (it then costs at most 16 bits per id)
+SWITCH_AT = 65_536  # from_chunks goes over to a bitmap once it holds this many ids (512 KB as an array)
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class IdSet:
             count += len(chunk)
             if bitmap is None:
                 parts.append(chunk)
-                if count * BITMAP_DENSITY < int(chunk[-1]):
-                    continue
+                if count < SWITCH_AT or count * BITMAP_DENSITY < int(chunk[-1]):
+                    continue  # (until then the array is small whatever comes next)
                 bitmap = np.zeros(0, dtype=np.uint8)
                 chunk, parts = np.concatenate(parts), []
             top = int(chunk[-1]) // 8 + 1
@@ -72,7 +73,7 @@ class IdSet:
             np.bitwise_or.at(bitmap, chunk >> 3, (1 << (chunk & 7)).astype(np.uint8))
         if bitmap is not None:
             return cls(count, bitmap=bitmap)
-        return cls(count, ids=np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+        return cls.from_sorted(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return self.count

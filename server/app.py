@@ -25,7 +25,7 @@ from server.body_limit import BodySizeLimitMiddleware
 from server.errors import ErrorResponse, install_error_handlers
 from server.fastpath import EmbedFastPath
 from server.metrics import Metrics, MetricsMiddleware
-from server.routes import embed, health, items, page, search
+from server.routes import duplicates, embed, health, items, page, search
 from server.schemas import EmbedJSON, ItemJSON, SearchJSON
 from server.settings import Settings
 from server.state import close_resources, open_resources
@@ -82,7 +82,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     app.state.resources = None
     install_error_handlers(app)
     app.add_exception_handler(IndexModelMismatch, _model_mismatch)
-    for module in (embed, search, items, health, page):
+    for module in (embed, search, items, health, page, duplicates):
         app.include_router(module.router)
     page.mount_static(app)
 

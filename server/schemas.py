@@ -138,3 +138,38 @@ class Readiness(BaseModel):
     model: str | None = None
     backend: str
     items: int | None = None
+
+
+class DuplicateItem(BaseModel):
+    id: int
+    path: str
+    sha256: str
+    width: int
+    height: int
+    size: int = Field(description="file size in bytes")
+    score: float = Field(description="cosine similarity to the group's centre (1 for the centre)")
+    exact: bool = Field(description="the same bytes as the keeper (same sha256)")
+    thumbnail_url: str
+
+
+class DuplicateGroup(BaseModel):
+    keeper: int = Field(description="the item proposed to keep: most pixels, then the largest file, then the "
+                        "oldest; listed first")
+    centre: int = Field(description="the item the group was built around: every member is a copy of it")
+    kind: str = Field(description="exact (all the same bytes), duplicate (all >= the duplicate threshold) or similar")
+    size: int
+    min_score: float = Field(description="the lowest member's similarity to the centre")
+    items: list[DuplicateItem]
+
+
+class DuplicatesResponse(BaseModel):
+    threshold: float = Field(description="the cosine similarity this report groups by")
+    thresholds: dict[str, float] = Field(description="the default of each level: duplicate, similar")
+    generation: int = Field(description="the index commit the report is from")
+    count: int = Field(description="items in the index")
+    groups_total: int
+    items_in_groups: int
+    offset: int
+    limit: int
+    next_offset: int | None = Field(None, description="the next page's offset; null on the last page")
+    groups: list[DuplicateGroup]

@@ -42,15 +42,23 @@ function card(hit) {
   return div;
 }
 
-async function search(file) {
+let lastFile = null, nextOffset = null;  // "more" asks for the next page of the same search
+
+async function search(file, offset = 0) {
   if (!file) return;
-  preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
-  $("drop-text").textContent = file.name;
+  lastFile = file;
+  if (offset === 0) {
+    preview.src = URL.createObjectURL(file);
+    preview.hidden = false;
+    $("drop-text").textContent = file.name;
+  }
   say("searching…");
   const form = new FormData();
   form.append("file", file);
   form.append("k", $("k").value || "12");
+  form.append("offset", String(offset));
+  if ($("min-score").value.trim()) form.append("min_score", $("min-score").value.trim());
+  if ($("path-prefix").value) form.append("filter", JSON.stringify({ path_prefix: $("path-prefix").value }));
   const t0 = performance.now();
   try {
     const r = await fetch("/v1/search", { method: "POST", body: form });
@@ -60,15 +68,19 @@ async function search(file) {
       say(body.detail || `error ${r.status}`, true);
       return;
     }
-    results.replaceChildren(...body.neighbours.map(card));
-    results.dataset.count = body.neighbours.length;
-    say(`${body.neighbours.length} neighbours in ${Math.round(performance.now() - t0)} ms`);
+    if (offset === 0) results.replaceChildren();
+    results.append(...body.neighbours.map(card));
+    results.dataset.count = results.children.length;
+    nextOffset = body.next_offset;
+    $("more-results").hidden = nextOffset === null || nextOffset === undefined;
+    say(`${results.children.length} neighbours in ${Math.round(performance.now() - t0)} ms`);
   } catch (e) {
     say(`request failed: ${e}`, true);
   }
 }
 
 input.addEventListener("change", () => search(input.files[0]));
+$("more-results").addEventListener("click", () => search(lastFile, nextOffset));
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {

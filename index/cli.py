@@ -4,6 +4,10 @@
     simsearch index build FOLDER --triton-url localhost:8001 [--protocol grpc|http] --out INDEX_DIR
     simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR --ray [ADDRESS]   (docs/distributed.md)
     simsearch index query IMAGE --index INDEX_DIR -k 10 [--json]
+    simsearch index query --id 42 --exclude --index INDEX_DIR -k 10 --offset 10 --min-score 0.5 \
+        --where label=cat --path-prefix holidays/ --path-glob '*.jpg'
+    simsearch index dups --index INDEX_DIR [--threshold T | --level duplicate|similar] [--json]
+    simsearch index export --index INDEX_DIR --out F.parquet|F.npy
     simsearch index stats --index INDEX_DIR
     simsearch index remove --index INDEX_DIR ID... | --path PATH...
 
@@ -30,6 +34,9 @@ from embed.preprocess import load_image_array
 from embed.spec import ModelDirError
 from index import identity
 from index.builder import BuildConfig, build_index, resolve_model_source
+from index.duplicates import LEVELS, find_duplicates, resolve_threshold
+from index.export import export_index
+from index.filters import ItemFilter, matching_ids, parse_where
 from index.ray_config import add_ray_arguments, ray_config_from_args
 from index.schema import IndexDirError
 from index.store import ImageIndex
@@ -72,13 +79,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_arguments(b)
 
-    q = sub.add_parser("query", help="nearest neighbours of an image", formatter_class=fmt)
-    q.add_argument("image", help="image file")
+    q = sub.add_parser("query", help="nearest neighbours of an image or an indexed item", formatter_class=fmt)
+    q.add_argument("image", nargs="?", help="image file (or --id)")
+    q.add_argument("--id", type=int, default=None, help="search with the stored vector of this item instead")
     q.add_argument("--index", required=True, help="index directory")
     q.add_argument("-k", type=int, default=10, help="number of neighbours")
+    _add_search_option_flags(q)
     q.add_argument("--nprobe", type=int, default=None, help="IVF lists to scan (default: the index's own)")
     q.add_argument("--json", action="store_true", help="JSON instead of a table")
     _add_model_flags(q, required=False)
+
+    d = sub.add_parser("dups", help="groups of exact and near duplicates", formatter_class=fmt)
+    d.add_argument("--index", required=True, help="index directory")
+    level = d.add_mutually_exclusive_group()
+    level.add_argument("--threshold", type=float, default=None,
+                       help="cosine similarity that makes two items copies (default: the --level's)")
+    level.add_argument("--level", choices=sorted(LEVELS), default=None,
+                       help=f"a default threshold: {', '.join(f'{k} {v}' for k, v in sorted(LEVELS.items()))}; "
+                       "none given: duplicate")
+    d.add_argument("--json", action="store_true", help="the whole report as JSON instead of a table")
+    d.add_argument("--limit", type=int, default=50, help="groups shown in the table (JSON: all)")
+
+    e = sub.add_parser("export", help="ids, paths, metadata and vectors to Parquet or .npy", formatter_class=fmt)
+    e.add_argument("--index", required=True, help="index directory")
+    e.add_argument("--out", required=True, help="F.parquet (one file), or F.npy (+ F.ids.npy and F.jsonl beside it)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("stats", help="size, type and model of an index", formatter_class=fmt)
     s.add_argument("--index", required=True, help="index directory")
@@ -88,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--path", action="append", default=[], help="item path (relative to the indexed folder, or absolute)")
     r.add_argument("--index", required=True, help="index directory")
     return parser
+
+
+def _add_search_option_flags(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--offset", type=int, default=0, help="skip the best OFFSET results (the next page: offset + k)")
+    q.add_argument("--min-score", type=float, default=None, help="leave out neighbours under this cosine similarity")
+    q.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only items whose metadata KEY equals VALUE (JSON scalar, else text); repeat for AND")
+    q.add_argument("--path-prefix", default=None, help="only items whose stored path starts with this")
+    q.add_argument("--path-glob", default=None, help="only items whose stored path matches this glob (* crosses /)")
+    q.add_argument("--exclude", action="store_true", help="with --id: leave the item itself out")
 
 
 def _open_backend(args: argparse.Namespace, index: ImageIndex | None = None) -> tuple[Backend, dict[str, Any]]:
@@ -133,25 +168,67 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
+    if (args.image is None) == (args.id is None):
+        raise ValueError("give an image file or --id ITEM, not both")
+    if args.exclude and args.id is None:
+        raise ValueError("--exclude leaves out the item searched by: it needs --id")
+    flt = ItemFilter.build(parse_where(args.where), args.path_prefix, args.path_glob)
     with ImageIndex.open(args.index) as index:
-        backend, _ = _open_backend(args, index)
-        try:
-            identity.check(index.meta, backend.spec, directory=args.index)
-            array, _ = load_image_array(args.image, backend.spec)
-            vector = backend.embed(array[None])
-        finally:
-            backend.close()
+        if args.id is not None:
+            vector = index.vector(args.id)
+            if vector is None:
+                raise ValueError(f"no item with id {args.id} in {args.index}")
+        else:
+            backend, _ = _open_backend(args, index)
+            try:
+                identity.check(index.meta, backend.spec, directory=args.index)
+                array, _ = load_image_array(args.image, backend.spec)
+                vector = backend.embed(array[None])
+            finally:
+                backend.close()
         params = {"nprobe": args.nprobe} if args.nprobe is not None else None
-        hits = index.search(vector, args.k, params=params)[0]
+        allowed = matching_ids(args.index, flt) if flt is not None else None
+        hits = index.search(vector, args.k, params=params, allowed_ids=allowed, offset=args.offset,
+                            min_score=args.min_score, exclude_ids=[args.id] if args.exclude else None)[0]
         root = index.stats()["root"]
-    rows = [{"rank": i + 1, "id": h.id, "score": round(h.score, 6), "path": h.record.path,
-             "abs_path": str(Path(root) / h.record.path) if root else h.record.path} for i, h in enumerate(hits)]
+    rows = [{"rank": args.offset + i + 1, "id": h.id, "score": round(h.score, 6), "path": h.record.path,
+             "abs_path": str(Path(root) / h.record.path) if root else h.record.path, "metadata": h.record.metadata}
+            for i, h in enumerate(hits)]
     if args.json:
-        print(json.dumps({"query": args.image, "k": args.k, "results": rows}, indent=2))
+        query = args.image if args.id is None else {"id": args.id}
+        print(json.dumps({"query": query, "k": args.k, "offset": args.offset, "min_score": args.min_score,
+                          "filter": flt.describe() if flt else None, "results": rows}, indent=2))
     else:
         print(f"{'rank':>4}  {'score':>8}  {'id':>8}  path")
         for row in rows:
             print(f"{row['rank']:>4}  {row['score']:>8.4f}  {row['id']:>8}  {row['path']}")
+    return 0
+
+
+def _cmd_dups(args: argparse.Namespace) -> int:
+    threshold = resolve_threshold(args.threshold, args.level)
+    report = find_duplicates(args.index, threshold)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(f"{len(report.groups)} groups, {report.items_in_groups} of {report.count} items, "
+          f"cosine >= {threshold} (duplicate {LEVELS['duplicate']}, similar {LEVELS['similar']})")
+    for n, group in enumerate(report.groups[: args.limit]):
+        print(f"\ngroup {n + 1}: {group.kind}, {group.size} items, min score {group.min_score:.4f}")
+        for m in group.items:
+            role = "keep" if m.id == group.keeper else ("same bytes" if m.exact else f"{m.score:.4f}")
+            print(f"  {m.id:>8}  {role:>10}  {m.width}x{m.height}  {m.path}")
+    if len(report.groups) > args.limit:
+        print(f"\n... {len(report.groups) - args.limit} more groups (--limit, or --json for all)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    with tqdm(unit="rows", disable=args.no_progress, desc="export") as bar:
+        summary = export_index(args.index, args.out, progress=bar.update)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -182,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # which backend loaded is -v detail; an error then stays the one line on stderr
         logging.getLogger("embed").setLevel(logging.WARNING)
-    commands = {"build": _cmd_build, "query": _cmd_query, "stats": _cmd_stats, "remove": _cmd_remove}
+    commands = {"build": _cmd_build, "query": _cmd_query, "stats": _cmd_stats, "remove": _cmd_remove,
+                "dups": _cmd_dups, "export": _cmd_export}
     try:
         return commands[args.command](args)
     except (BackendError, ModelDirError, IndexDirError, DecodeError, FileNotFoundError, FileExistsError,

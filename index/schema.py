@@ -6,9 +6,15 @@ import json
 import sqlite3
 from typing import Any
 
+import numpy as np
+
 DB_FILE = "index.sqlite"
 FORMAT = "simsearch-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# 1: a whole FAISS file per commit (vectors.<G>.faiss); 2: a base snapshot + the removal log. A
+# version-1 directory opens as a base-less version 2 one (every row in the delta) and becomes
+# version 2 at its first compaction; software that knows only version 1 then refuses it.
+READABLE_VERSIONS = (1, 2)
 # images added through the server are stored here, content-addressed; their items have absolute paths
 UPLOADS_DIR = "uploads"
 
@@ -43,13 +49,25 @@ CREATE TABLE IF NOT EXISTS reembed_vectors (
 """
 
 
+# Ids removed since the base snapshot, with the commit that removed them: readers that follow
+# commits drop exactly these (index/generation.py); a compaction deletes the entries its new base
+# reflects. Created on demand, like the re-embedding table.
+_REMOVED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS removed (
+    id INTEGER PRIMARY KEY,               -- an items.id that is gone
+    generation INTEGER NOT NULL           -- the commit that removed it
+);
+CREATE INDEX IF NOT EXISTS removed_generation ON removed (generation);
+"""
+
+
 class IndexDirError(ValueError):
     """An index directory that is missing, damaged, or built for another model."""
 
 
 def init_db(conn: sqlite3.Connection, meta: dict[str, Any]) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+    conn.executescript("BEGIN;" + _SCHEMA + _REMOVED_SCHEMA + "COMMIT;")
     conn.execute("BEGIN")
     write_meta(conn, meta)
     conn.execute("COMMIT")
@@ -72,3 +90,27 @@ def write_meta(conn: sqlite3.Connection, values: dict[str, Any]) -> None:
 
 def ensure_reembed_table(conn: sqlite3.Connection) -> None:
     conn.execute(_REEMBED_SCHEMA)
+
+
+def ensure_removed_table(conn: sqlite3.Connection) -> None:
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'removed'").fetchone() is None:
+        for statement in _REMOVED_SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+
+
+def log_removed(conn: sqlite3.Connection, ids: list[int], generation: int) -> None:
+    ensure_removed_table(conn)
+    conn.executemany("INSERT OR REPLACE INTO removed (id, generation) VALUES (?, ?)",
+                     [(int(i), generation) for i in ids])
+
+
+def removed_since(conn: sqlite3.Connection, generation: int, *, max_id: int | None = None) -> np.ndarray:
+    """Ids removed by commits after `generation` (and <= `max_id`), ascending; none before the table exists."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'removed'").fetchone() is None:
+        return np.zeros(0, dtype=np.int64)
+    sql, args = "SELECT id FROM removed WHERE generation > ?", [int(generation)]
+    if max_id is not None:
+        sql, args = sql + " AND id <= ?", [*args, int(max_id)]
+    rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+    return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))

@@ -43,11 +43,12 @@ from typing import Any
 import numpy as np
 
 from embed.spec import ModelSpec
-from index import identity
+from index import compaction, identity, tuning
 from index import vector_index as vi
+from index.budget import parse_bytes
 from index.dir_init import create_in_place
-from index.faiss_file import write_faiss
-from index.generation import Snapshot, load_index, read_committed, rebuild
+from index.faiss_file import base_paths, file_bytes, remove_stale
+from index.generation import Snapshot, load_index, read_changes, read_committed, same_base
 from index.identity import IndexModelMismatch, ModelIdentity
 from index.ranked import filtered_nprobe, top_n
 from index.records import COLUMNS, Hit, IndexedFile, ItemRecord, record_from_row, record_values
@@ -56,8 +57,10 @@ from index.schema import (
     DB_FILE,
     FORMAT,
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     IndexDirError,
     ensure_reembed_table,
+    log_removed,
     read_meta,
     write_meta,
 )
@@ -69,6 +72,21 @@ WRITE_LOCK_TIMEOUT_S = 60.0  # longest wait for another process's write transact
 _LOCK_POLL_S = 0.05
 
 __all__ = ["Hit", "ImageIndex", "IndexDirError", "IndexModelMismatch", "ItemRecord", "Snapshot"]
+
+# Keys an index of format 1 lacks (docs/design.md, "The index directory"): a base-less index
+# (every row in the delta) with the default budget and recall target.
+_META_DEFAULTS: dict[str, Any] = {
+    "index_kind": "flat", "nlist": 0, "nprobe": 0, "k_factor": 0, "pq_m": 0, "opq": False, "rerank": False,
+    "trained_on": 0, "training_size": 0, "memory_budget": 0, "recall_target": tuning.DEFAULT_RECALL_TARGET,
+    "recall_estimate": {}, "base_generation": 0, "base_hwm": 0, "base_count": 0, "base_build": {},
+}
+
+
+def _check_target(target: float) -> float:
+    if not 0.0 < float(target) <= 1.0:
+        raise ValueError(f"the recall target is a share of the exact top 10 in (0, 1], got {target}")
+    return float(target)
+
 
 # what the item a re-embedding could not embed again becomes: dropped, with this record in the summary
 Dropped = dict[str, Any]  # {"id", "path", "reason", "message"}
@@ -87,11 +105,15 @@ class ImageIndex:
         self._fresh_tx = False  # a transaction begun by _acquire_tx, not yet caught up
         self._closed = False
         self._model: ModelIdentity | None = None  # the model this handle writes vectors of
+        self._compactor: threading.Thread | None = None  # a background compaction (index/compaction.py)
+        self._compact_lock = threading.Lock()
         conn.execute("BEGIN")  # meta and rows of one commit
         try:
             self.meta = read_meta(conn)
-            if self.meta.get("format") != FORMAT or int(self.meta.get("format_version", -1)) != FORMAT_VERSION:
-                raise IndexDirError(f"{directory} is not a {FORMAT} v{FORMAT_VERSION} index directory")
+            if self.meta.get("format") != FORMAT or int(self.meta.get("format_version", -1)) not in READABLE_VERSIONS:
+                raise IndexDirError(f"{directory} is not a {FORMAT} index directory of a version this software "
+                                    f"reads {list(READABLE_VERSIONS)}")
+            self.meta = {**_META_DEFAULTS, **self.meta}
             self.dim = int(self.meta["dim"])
             self._index = load_index(directory, conn, self.meta, write=True)
         finally:
@@ -102,18 +124,19 @@ class ImageIndex:
     def create(
         cls, directory: str | os.PathLike[str], dim: int, *, model_name: str = "", model_version: int = 0,
         root: str | None = None, index_mode: str = "auto", flat_max: int = vi.FLAT_MAX_VECTORS,
+        memory_budget: int | str | None = None, recall_target: float = tuning.DEFAULT_RECALL_TARGET,
     ) -> ImageIndex:
         """A new, empty index in `directory` (missing, or an existing empty directory such as a
         volume mount): built in place, writing only inside it, crash-safe (index/dir_init.py)."""
         directory = Path(directory)
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
-        vi.choose_kind(0, index_mode)
+        vi.plan_index(0, dim, index_mode)  # ValueError naming the valid modes
         create_in_place(directory, {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "dim": dim, "model_name": model_name,
-            "model_version": model_version, "root": root or "", "generation": 0, "index_kind": "flat",
-            "index_mode": index_mode, "flat_max": flat_max, "nlist": 0, "nprobe": 0, "trained_on": 0,
-            "created_at": time.time(),
+            **_META_DEFAULTS, "format": FORMAT, "format_version": FORMAT_VERSION, "dim": dim,
+            "model_name": model_name, "model_version": model_version, "root": root or "", "generation": 0,
+            "index_mode": index_mode, "flat_max": flat_max, "created_at": time.time(),
+            "memory_budget": parse_bytes(memory_budget), "recall_target": _check_target(recall_target),
         })
         return cls.open(directory)
 
@@ -208,11 +231,16 @@ class ImageIndex:
         with self._rw.write():
             if self._closed or self._in_tx or snapshot.generation <= self.generation:
                 return False
-            self.meta, self.dim, self._index = dict(snapshot.meta), int(snapshot.meta["dim"]), snapshot.index
+            if snapshot.index is None:  # the changes since a generation: only onto that generation
+                if snapshot.since != self.generation or not same_base(snapshot.meta, self.meta):
+                    return False
+                snapshot.apply_to(self._index)
+            else:
+                self._index = snapshot.index
+            self.meta, self.dim = {**_META_DEFAULTS, **snapshot.meta}, int(snapshot.meta["dim"])
             if given is not None:
                 self._model = given
-        logger.info("%s: now serving commit %d (%d vectors)", self.directory, snapshot.generation,
-                    snapshot.index.ntotal)
+        logger.debug("%s: now serving commit %d (%d vectors)", self.directory, snapshot.generation, len(self))
         return True
 
     def refresh(self) -> bool:
@@ -227,7 +255,10 @@ class ImageIndex:
         if int(meta["generation"]) == self.generation:
             return False
         self._check_model(meta)
-        return self.swap_in(self.load_committed())
+        with self._rw.read():
+            since = (dict(self.meta), self._index.last_id)
+        # the changes since our commit when the base is the same (rows added, ids removed), else all
+        return self.swap_in(read_committed(self.directory, since=since))
 
     # -- writing -----------------------------------------------------------------------------
     def _acquire_tx(self) -> None:
@@ -275,11 +306,14 @@ class ImageIndex:
         generation = json.loads(self._conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
         if generation == self.meta["generation"]:
             return False
-        meta = read_meta(self._conn)
+        meta = {**_META_DEFAULTS, **read_meta(self._conn)}
         self._check_model(meta)
-        logger.info("%s changed on disk (commit %s -> %s): reloading", self.directory, self.meta["generation"], generation)
+        logger.debug("%s changed on disk (commit %s -> %s)", self.directory, self.meta["generation"], generation)
+        if same_base(meta, self.meta):
+            read_changes(self._conn, meta, int(self.meta["generation"]), self._index.last_id).apply_to(self._index)
+        else:
+            self._index = load_index(self.directory, self._conn, meta, write=not self._in_tx)
         self.meta, self.dim = meta, int(meta["dim"])
-        self._index = load_index(self.directory, self._conn, meta, write=not self._in_tx)
         return True
 
     def add(self, vectors: np.ndarray, records: Iterable[ItemRecord | Mapping[str, Any]]) -> list[int]:
@@ -310,13 +344,15 @@ class ImageIndex:
         self._acquire_tx()
         with self._rw.write(), self._db:
             self._begin()
-            removed = 0
+            gone: list[int] = []
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                removed += self._conn.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk).rowcount
-            self._index.remove_ids(np.asarray(ids, dtype=np.int64))
-            return removed
+                gone += [r[0] for r in self._conn.execute(f"DELETE FROM items WHERE id IN ({marks}) RETURNING id", chunk)]
+            # logged with the commit that will make it durable: readers following commits drop exactly these
+            log_removed(self._conn, gone, self.generation + 1)
+            self._index.remove_ids(np.asarray(gone, dtype=np.int64))
+            return len(gone)
 
     def update(self, id: int, **fields: Any) -> bool:
         """Change a record's fields (not its vector): path, size, mtime, width, height, metadata."""
@@ -336,30 +372,28 @@ class ImageIndex:
             return cur.rowcount > 0
 
     def commit(self) -> None:
-        """Make every change so far durable: one SQLite transaction, then the FAISS cache file."""
+        """Make every change so far durable: one SQLite transaction. Nothing else is written: the
+        new vectors are in every reader's delta; a compaction folds them into a new base snapshot
+        when one is due (in a background thread: searches and writes go on)."""
+        reason = self._commit()
+        if reason is not None:
+            self._start_compaction(reason)
+
+    def _commit(self) -> str | None:
+        """The SQLite commit; returns why a compaction is due, if one is."""
         with self._rw.write(), self._db:
             if not self._in_tx:
-                return
+                return None
             if self._fresh_tx:  # begun by a write that has not caught up yet: nothing to commit
                 self._conn.execute("ROLLBACK")
                 self._in_tx = self._fresh_tx = False
-                return
-            self._maybe_retrain()
+                return None
             generation = int(self.meta["generation"]) + 1
             write_meta(self._conn, {"generation": generation, "committed_at": time.time()})
             self._conn.execute("COMMIT")
             self._in_tx = False
             self.meta["generation"] = generation
-        # Writing the cache reads the index only: searches go on meanwhile. A later commit that
-        # got in first writes its own file; this one is then not needed.
-        with self._rw.read():
-            if self.generation != generation or self._closed:
-                return
-            try:
-                write_faiss(self._index, self.directory, generation)
-            except OSError as e:  # the commit stands: the next open rebuilds the cache from the rows
-                logger.warning("commit %d of %s is durable, but its FAISS cache file is not: %s",
-                               generation, self.directory, e)
+            return compaction.due(self.meta, self._index)
 
     save = commit
 
@@ -370,45 +404,66 @@ class ImageIndex:
                 return
             self._conn.execute("ROLLBACK")
             self._in_tx = self._fresh_tx = False
-            self.meta = read_meta(self._conn)
+            self.meta = {**_META_DEFAULTS, **read_meta(self._conn)}
             self.dim = int(self.meta["dim"])
             self._index = load_index(self.directory, self._conn, self.meta, write=True)
 
-    def _maybe_retrain(self) -> None:
-        n = self._index.ntotal
-        kind = vi.choose_kind(n, self.meta["index_mode"], int(self.meta["flat_max"]))
-        current = self.meta["index_kind"]
-        trained_on = int(self.meta.get("trained_on") or 0)
-        auto_back_to_flat = current == "ivf" and kind == "flat" and self.meta["index_mode"] == "auto"
-        if auto_back_to_flat and n > int(self.meta["flat_max"]) // 2:  # hysteresis: no flip-flop
-            kind = "ivf"
-        if kind == current and not (kind == "ivf" and n > vi.RETRAIN_GROWTH * max(trained_on, 1)):
-            return
-        if kind == "ivf" and n < vi.MIN_POINTS_PER_LIST:
-            return  # too few vectors to train; stays flat until there are enough
-        ids, vecs = self._all_vectors()
-        updates: dict[str, Any] = {"index_kind": kind, "trained_on": n}
-        if kind == "ivf":
-            index = vi.train_ivf(vecs)
-            nlist = index.nlist
-            self._conn.execute("INSERT OR REPLACE INTO blobs (key, value) VALUES ('ivf_trained', ?)",
-                               (vi.serialize(index),))
-            updates.update(nlist=nlist, nprobe=vi.default_nprobe(nlist))
-        else:
-            index = vi.new_flat(self.dim)
-            self._conn.execute("DELETE FROM blobs WHERE key='ivf_trained'")
-            updates.update(nlist=0, nprobe=0)
-        index.add_with_ids(vecs, ids)
-        logger.info("index is now %s over %d vectors (%s)", kind, n, updates)
-        write_meta(self._conn, updates)
-        self.meta.update(updates)
-        self._index = index
+    # -- compaction: a new base snapshot (index/compaction.py) -------------------------------
+    def compact(self, *, retrain: bool = False) -> dict[str, Any] | None:
+        """Fold every committed change into a new base snapshot now and serve it; `retrain` trains
+        the index again (kind, lists, codebooks) and tunes its search parameters by measured recall.
+        Commits pending changes first. Returns the published metadata updates, or None when the
+        snapshot went stale (e.g. another process switched the model meanwhile)."""
+        self._commit()
+        self.wait_compaction()
+        updates = compaction.compact(self.directory, retrain=retrain)
+        self.refresh()
+        return updates
 
-    def _all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._conn.execute("SELECT id, vector FROM items ORDER BY id").fetchall()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), self.dim)
-        return ids, vecs
+    def wait_compaction(self, timeout: float | None = None) -> None:
+        """Wait for this handle's background compaction, if one runs."""
+        thread = self._compactor
+        if thread is not None:
+            thread.join(timeout)
+
+    def _start_compaction(self, reason: str) -> None:
+        with self._compact_lock:
+            if self._closed or (self._compactor is not None and self._compactor.is_alive()):
+                return
+            self._compactor = threading.Thread(target=self._compact_in_background, args=(reason,),
+                                               name="simsearch-index-compaction", daemon=True)
+            self._compactor.start()
+
+    def _compact_in_background(self, reason: str) -> None:
+        logger.info("%s: compacting (%s)", self.directory, reason)
+        try:
+            if compaction.compact(self.directory, wait=False, should_stop=lambda: self._closed) is not None:
+                self.refresh()
+        except compaction.Cancelled:
+            logger.info("%s: compaction cancelled (the index closed)", self.directory)
+        except Exception as e:  # the delta keeps serving; the next commit tries again
+            logger.warning("%s: compaction failed: %s: %s", self.directory, type(e).__name__, e)
+
+    def configure(self, *, memory_budget: int | str | None = None, recall_target: float | None = None,
+                  index_mode: str | None = None) -> None:
+        """Record another memory budget, recall target or index mode; with the next commit, and
+        used from the next compaction (`compact(retrain=True)` to apply it now)."""
+        updates: dict[str, Any] = {}
+        if memory_budget is not None:
+            updates["memory_budget"] = parse_bytes(memory_budget)
+        if recall_target is not None:
+            updates["recall_target"] = _check_target(recall_target)
+        if index_mode is not None:
+            vi.plan_index(0, self.dim, index_mode)  # ValueError naming the valid modes
+            updates["index_mode"] = index_mode
+        updates = {k: v for k, v in updates.items() if self.meta.get(k) != v}
+        if not updates:
+            return
+        self._acquire_tx()
+        with self._rw.write(), self._db:
+            self._begin()
+            write_meta(self._conn, updates)
+            self.meta.update(updates)
 
     def set_info(self, **values: Any) -> None:
         """Free-form facts about the index (e.g. which model built it), saved with the next commit."""
@@ -538,18 +593,21 @@ class ImageIndex:
                 history.append(_history_entry(target, vector_generation, self.generation + 1))
                 updates: dict[str, Any] = {**target.as_meta(), "vector_generation": vector_generation,
                                            "model_history": history, "reembed": {}}
-                if self.meta["index_kind"] == "ivf":
-                    # the quantizer was trained on the old vectors: flat now, and the usual rule
-                    # (`_maybe_retrain`, at the commit below) trains a new IVF on the new vectors
-                    updates.update(index_kind="flat", trained_on=0, nlist=0, nprobe=0)
-                    self._conn.execute("DELETE FROM blobs WHERE key='ivf_trained'")
                 write_meta(self._conn, updates)
                 self.meta.update(updates)
                 self.dim = target.dim
-                self._index = rebuild(self._conn, self.meta, self.directory)
+                # every vector changed: the base of the commit below, trained on the new vectors
+                # (the old training fits the old model), built in this transaction
+                generation = self.generation + 1
+                base_updates, blob = compaction.build_base(self.directory, self._conn, self.meta, generation,
+                                                           retrain=True)
+                compaction.record_base(self._conn, generation, base_updates, blob)
+                self.meta.update(base_updates)
+                self._index = load_index(self.directory, self._conn, self.meta, write=False)
                 self._model = target
             self.commit()
             ok = True
+            remove_stale(self.directory, keep=generation)
         finally:
             if not ok:
                 self._model = bound
@@ -564,10 +622,11 @@ class ImageIndex:
             return {k[5:]: v for k, v in self.meta.items() if k.startswith("info.")}
 
     def close(self) -> None:
-        """Commit what is pending and release the files."""
+        """Commit what is pending, let a running compaction finish, and release the files."""
         if self._closed:
             return
         self.commit()
+        self.wait_compaction()
         with self._rw.write(), self._db:
             self._conn.close()
             self._closed = True
@@ -649,11 +708,12 @@ class ImageIndex:
             if queries.ndim != 2 or queries.shape[1] != self.dim:
                 raise ValueError(f"expected queries [Q, {self.dim}], got {list(queries.shape)}")
             kind = self.meta["index_kind"]
-            sp = vi.search_parameters(kind, params, {"nprobe": int(self.meta["nprobe"])})
+            sp = vi.search_parameters(kind, params, {"nprobe": int(self.meta["nprobe"]),
+                                                     "k_factor": int(self.meta["k_factor"])})
             ntotal, n = self._index.ntotal, offset + k
             if ntotal == 0 or (allowed is not None and allowed.count == 0):
                 return [[] for _ in range(len(queries))]
-            ivf_filtered = allowed is not None and kind == "ivf"
+            ivf_filtered = allowed is not None and kind in vi.IVF_KINDS
             if ivf_filtered:
                 sp.nprobe = filtered_nprobe(sp.nprobe, int(self.meta["nlist"]), allowed.count, ntotal)
             sp = with_selector(sp, search_selector(allowed, exclude))
@@ -698,7 +758,43 @@ class ImageIndex:
                 "root": self.meta["root"], "created_at": float(self.meta["created_at"]),
                 "uncommitted": self._in_tx, "bytes_on_disk": sum(p.stat().st_size for p in files),
                 "info": {k[5:]: v for k, v in self.meta.items() if k.startswith("info.")},
+                **self._index_stats(),
             }
+
+    def _index_stats(self) -> dict[str, Any]:
+        """Type, shape, training, recall estimate, memory and layers of the vector index (under the read lock)."""
+        meta, layered = self.meta, self._index
+        plan = vi.Plan.of_meta(meta)
+        estimate = {k: v for k, v in (meta.get("recall_estimate") or {}).items() if k != "table"}
+        base = layered.base
+        return {
+            "pq_m": plan.pq_m, "opq": plan.opq, "rerank": plan.rerank, "k_factor": int(meta["k_factor"]),
+            "trained_on": int(meta["trained_on"]), "training_size": int(meta["training_size"]),
+            "recall_target": float(meta["recall_target"]), "recall_estimate": estimate,
+            "memory": {
+                "budget_bytes": compaction.memory_budget(meta), "budget_recorded": int(meta["memory_budget"]),
+                "index_ram_bytes": vi.ram_bytes(plan, layered.ntotal, self.dim),
+                "delta_ram_bytes": layered.ram_bytes(), "base_file_bytes": file_bytes(base_paths(self.directory,
+                                                                                                 base.generation)),
+                "process_rss_bytes": process_rss(),
+            },
+            "base": {"generation": base.generation, "count": len(base), "hwm": base.hwm,
+                     "build": meta.get("base_build") or {}},
+            "delta_count": layered.delta_count, "removed_since_base": len(layered.removed),
+            "compaction_due": compaction.due(meta, layered),
+        }
+
+
+def process_rss() -> int:
+    """This process's resident memory in bytes (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _history_entry(model: ModelIdentity, vector_generation: int, commit: int, *, adopted: bool = False) -> dict[str, Any]:

@@ -1,90 +1,191 @@
-"""Which FAISS index for how many vectors, how to build and train it, and per-call search parameters.
+"""Which FAISS index for how many vectors and how much memory, how to train it, and per-call search
+parameters. The numbers behind each rule are in index/README.md ("Index kinds").
 
-Index type by scale (inner product on l2-normalised vectors = cosine similarity):
+Inner product on l2-normalised vectors = cosine similarity. The kinds of the base snapshot
+(index/layered.py; the delta of recent writes is always exact):
 
-- `flat` (`IndexIDMap2(IndexFlatIP)`): exact. Used up to `FLAT_MAX_VECTORS` = 50,000 vectors,
-  where a brute-force scan still answers a query in about a millisecond per 10k vectors on one core.
-- `ivf` (`IndexIVFFlat`, inner product): approximate, above the threshold. `nlist` is
-  4 * sqrt(n) (at least 39 training points per list), k-means trained on up to 256 points per list
-  sampled from the data (seeded). `nprobe` (lists scanned per query) is stored with the index; a
-  caller may pass another one per search call (`params={"nprobe": 64}`), which is applied through
-  `faiss.SearchParametersIVF` and never changes the shared index. The trained IVF is retrained when
-  the collection has grown 4x since training. bench/index_folder.py measures recall@10 against flat.
+- `flat` (`IndexIDMap2(IndexFlatIP)`): exact; up to `FLAT_MAX_VECTORS` (50,000), or in auto mode
+  while it fits the memory budget and the collection is too small to train anything else.
+- `ivf` (`IndexIVFFlat`): nlist = 4 sqrt(n) lists of full vectors; on request (`--index-type ivf`).
+- `ivfpq` (`IndexIVFPQFastScan`, 4-bit PQ with `pq_m` sub-quantizers, optionally behind an OPQ
+  rotation), the auto choice above 50,000 vectors: 4-bit codes are scanned with SIMD lookups, so a
+  list scan costs a fraction of a float one. Candidates (k x `k_factor`) are re-ranked with the exact
+  float32 vectors (a memory-mapped file beside the index) when the memory budget holds them;
+  `pq_m` is the largest of D/2, D/4, D/8 that fits the budget.
 
-Ids are the SQLite row ids (int64), given to FAISS with `add_with_ids`, so they stay stable.
+Trained on a seeded sample (k-means: at most `TRAIN_POINTS_PER_LIST` per list, PQ on at most
+`PQ_TRAIN_MAX`), vectors added later are encoded with that training; the index is trained again when
+the collection has grown `RETRAIN_GROWTH` times past what it was trained on, when the kind changes,
+or on request. nprobe / k_factor are chosen at training time by measured recall (index/tuning.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
 
 FLAT_MAX_VECTORS = 50_000
-INDEX_KINDS = ("flat", "ivf")
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
 INDEX_MODES = ("auto", *INDEX_KINDS)
-# A flat index accepts (and ignores) nprobe: the type changes by itself as the collection grows,
-# so a client must not have to know which one it is talking to.
-SEARCH_PARAMS = {"flat": ("nprobe",), "ivf": ("nprobe",)}
-MIN_POINTS_PER_LIST = 39
-MAX_TRAIN_POINTS_PER_LIST = 256
+IVF_KINDS = ("ivf", "ivfpq")
+# Every kind accepts every parameter and ignores what it has no use for: the kind changes by itself
+# as the collection grows, so a client must not have to know which one it is talking to.
+SEARCH_PARAMS = ("k_factor", "nprobe", "rerank")
+MIN_POINTS_PER_LIST = 39  # FAISS warns below this: k-means has too few points per centroid
+TRAIN_POINTS_PER_LIST = 64
+PQ_TRAIN_MAX = 65_536
 RETRAIN_GROWTH = 4
+KMEANS_ITERATIONS = 10
+PQ_BITS = 4
+LISTS_PER_SQRT_N = {"ivf": 4.0, "ivfpq": 1.0}
+DEFAULT_K_FACTOR = 4
+ID_BYTES = 8
 
 
-def choose_kind(n: int, mode: str, flat_max: int = FLAT_MAX_VECTORS) -> str:
-    if mode not in INDEX_MODES:
-        raise ValueError(f"index mode {mode!r} is not one of {INDEX_MODES}")
-    if mode != "auto":
-        return mode
-    return "ivf" if n > flat_max else "flat"
+@dataclass(frozen=True)
+class Plan:
+    """What to build: the kind and its shape (0 where a field means nothing for the kind)."""
+
+    kind: str
+    nlist: int = 0
+    pq_m: int = 0
+    opq: bool = False
+    rerank: bool = False
+
+    def as_meta(self) -> dict[str, Any]:
+        return {"index_kind": self.kind, "nlist": self.nlist, "pq_m": self.pq_m, "opq": self.opq,
+                "rerank": self.rerank}
+
+    @classmethod
+    def of_meta(cls, meta: dict[str, Any]) -> Plan:
+        return cls(meta["index_kind"], int(meta.get("nlist") or 0), int(meta.get("pq_m") or 0),
+                   bool(meta.get("opq")), bool(meta.get("rerank")))
 
 
-def default_nlist(n: int) -> int:
-    return max(1, min(int(4 * math.sqrt(max(n, 1))), n // MIN_POINTS_PER_LIST))
+def default_nlist(n: int, kind: str = "ivf") -> int:
+    per = LISTS_PER_SQRT_N.get(kind, 4.0)
+    return max(1, min(int(per * math.sqrt(max(n, 1))), n // MIN_POINTS_PER_LIST))
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query: 1/16 of the lists, at least 8 (or all when there are fewer)."""
+    """Lists scanned per query before tuning measures better: 1/16 of the lists, at least 8."""
     return min(nlist, max(8, nlist // 16))
+
+
+def ram_bytes(plan: Plan, n: int, dim: int) -> int:
+    """Bytes a search touches once warm: codes or vectors, ids, coarse centroids, re-rank vectors."""
+    if plan.kind == "flat":
+        return n * (4 * dim + ID_BYTES)
+    centroids = plan.nlist * 4 * dim
+    if plan.kind == "ivf":
+        return n * (4 * dim + ID_BYTES) + centroids
+    codes = n * ((plan.pq_m * PQ_BITS + 7) // 8 + ID_BYTES)
+    return codes + centroids + (n * 4 * dim if plan.rerank else 0) + (4 * dim * dim if plan.opq else 0)
+
+
+def pq_m_choices(dim: int) -> list[int]:
+    """Sub-quantizer counts for 4-bit PQ, most accurate first: 2, 4 or 8 dimensions per code."""
+    return [m for m in (dim // 2, dim // 4, dim // 8) if m >= 1 and dim % m == 0] or [dim]
+
+
+def plan_index(n: int, dim: int, mode: str, budget: int = 0, flat_max: int = FLAT_MAX_VECTORS, *,
+               opq: bool = False) -> Plan:
+    """The plan for `n` vectors of `dim` in `budget` bytes of RAM (0: no limit); ValueError when
+    even the smallest fitting plan needs more than the budget, naming what it would need."""
+    if mode not in INDEX_MODES:
+        raise ValueError(f"index mode {mode!r} is not one of {INDEX_MODES}")
+    kind = mode
+    if mode == "auto":
+        fits_flat = not budget or ram_bytes(Plan("flat"), n, dim) <= budget
+        kind = "flat" if n <= flat_max and (fits_flat or n < 64 * MIN_POINTS_PER_LIST) else "ivfpq"
+    if kind == "flat":
+        return Plan("flat")
+    nlist = default_nlist(n, kind)
+    if kind == "ivf":
+        return Plan("ivf", nlist)
+    for m in pq_m_choices(dim):
+        for rerank in (True, False):
+            plan = Plan("ivfpq", nlist, m, opq, rerank)
+            if not budget or ram_bytes(plan, n, dim) <= budget:
+                return plan
+    smallest = Plan("ivfpq", nlist, pq_m_choices(dim)[-1], opq, False)
+    raise ValueError(f"{n} vectors of dim {dim} need at least {ram_bytes(smallest, n, dim):,} bytes of RAM "
+                     f"(ivfpq with {smallest.pq_m} sub-quantizers, no re-ranking); the memory budget is {budget:,}")
+
+
+def needs_training(plan: Plan) -> bool:
+    return plan.kind in IVF_KINDS
+
+
+def training_size(plan: Plan, n: int) -> int:
+    return min(n, max(plan.nlist * TRAIN_POINTS_PER_LIST, PQ_TRAIN_MAX if plan.kind == "ivfpq" else 0))
 
 
 def new_flat(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def train_ivf(vectors: np.ndarray, *, nlist: int | None = None, seed: int = 0) -> faiss.Index:
-    """An empty IndexIVFFlat (inner product) trained on a seeded sample of `vectors`."""
-    n, dim = vectors.shape
-    nlist = nlist or default_nlist(n)
-    if n < nlist:
-        raise ValueError(f"cannot train an IVF index with {nlist} lists on {n} vectors")
+def train(plan: Plan, sample: np.ndarray, *, seed: int = 0) -> faiss.Index:
+    """An empty index of `plan` trained on `sample` [N, D] (the caller draws it: `training_size`)."""
+    dim = sample.shape[1]
+    if plan.kind == "flat":
+        return new_flat(dim)
+    if len(sample) < plan.nlist:
+        raise ValueError(f"cannot train {plan.nlist} lists on {len(sample)} vectors")
     quantizer = faiss.IndexFlatIP(dim)
-    ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.seed = seed
-    limit = nlist * MAX_TRAIN_POINTS_PER_LIST
+    if plan.kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf = index
+    else:
+        ivf = faiss.IndexIVFPQFastScan(quantizer, dim, plan.nlist, plan.pq_m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexPreTransform(faiss.OPQMatrix(dim, plan.pq_m), ivf) if plan.opq else ivf
+    ivf.cp.seed, ivf.cp.niter = seed, KMEANS_ITERATIONS
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def train_ivf(vectors: np.ndarray, *, nlist: int | None = None, seed: int = 0) -> faiss.Index:
+    """An empty IndexIVFFlat trained on a seeded sample of `vectors` (used by index/duplicates.py)."""
+    n = len(vectors)
+    plan = Plan("ivf", nlist or default_nlist(n))
+    limit = training_size(plan, n)
     sample = vectors
     if n > limit:
         sample = vectors[np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))]
-    ivf.train(np.ascontiguousarray(sample, dtype=np.float32))
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # fast remove_ids by id
-    return ivf
+    return train(plan, sample, seed=seed)
 
 
-def search_parameters(kind: str, params: dict[str, Any] | None, defaults: dict[str, Any]) -> Any:
-    """Per-call FAISS search parameters; unknown keys raise ValueError listing the valid ones."""
+@dataclass
+class SearchSettings:
+    """One search's parameters; `sel` (a FAISS IDSelector) is set by the caller for filters."""
+
+    nprobe: int = 1
+    k_factor: int = DEFAULT_K_FACTOR
+    rerank: bool = True
+    sel: Any = field(default=None)
+
+
+def search_parameters(kind: str, params: dict[str, Any] | None, defaults: dict[str, Any]) -> SearchSettings:
+    """Per-call settings over the index's recorded ones; unknown keys raise ValueError listing the valid ones."""
     params = dict(params or {})
-    valid = SEARCH_PARAMS[kind]
-    unknown = sorted(set(params) - set(valid))
+    unknown = sorted(set(params) - set(SEARCH_PARAMS))
     if unknown:
-        raise ValueError(f"unknown search parameters {unknown} for a {kind} index; valid: {list(valid)}")
-    if kind == "ivf":
-        nprobe = int(params.get("nprobe", defaults.get("nprobe", 1)))
-        if nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
-        return faiss.SearchParametersIVF(nprobe=nprobe)
-    return None
+        raise ValueError(f"unknown search parameters {unknown} for a {kind} index; valid: {list(SEARCH_PARAMS)}")
+    merged = {**defaults, **params}
+    nprobe = int(merged.get("nprobe") or 1)
+    k_factor = int(merged.get("k_factor") or DEFAULT_K_FACTOR)
+    if nprobe < 1:
+        raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+    if k_factor < 1:
+        raise ValueError(f"k_factor must be >= 1, got {k_factor}")
+    rerank = merged.get("rerank", True)
+    if not isinstance(rerank, bool):
+        raise ValueError(f"rerank must be true or false, got {rerank!r}")
+    return SearchSettings(nprobe=nprobe, k_factor=k_factor, rerank=rerank)
 
 
 def serialize(index: faiss.Index) -> bytes:

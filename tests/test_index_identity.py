@@ -234,13 +234,16 @@ def test_a_legacy_index_adopts_the_fingerprint_with_a_warning(models: tuple[Path
     assert _cli("index", "build", str(folder), "--model", str(b), "--out", str(out)).returncode == 2
 
 
-def test_stale_cache_files_go_but_newer_ones_and_writes_in_progress_stay(tmp_path: Path) -> None:
+def test_stale_base_files_go_but_newer_ones_and_writes_in_progress_stay(tmp_path: Path) -> None:
     for g in (3, 4, 5):
-        (tmp_path / f"vectors.{g}.faiss").write_bytes(b"x")
-    crashed, writing = tmp_path / ".vectors.4.faiss.a.tmp", tmp_path / ".vectors.5.faiss.b.tmp"
+        (tmp_path / f"base.{g}.faiss").write_bytes(b"x")
+        (tmp_path / f"base.{g}.ids.npy").write_bytes(b"x")
+    (tmp_path / "vectors.7.faiss").write_bytes(b"x")  # format 1's per-commit cache: never used again
+    crashed, writing = tmp_path / ".base.4.faiss.a.tmp", tmp_path / ".base.5.vectors.npy.b.tmp"
     crashed.write_bytes(b"half")
     writing.write_bytes(b"half")
     with open(writing, "rb") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # another process's write in progress
-        remove_stale(tmp_path, keep="vectors.4.faiss")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [writing.name, "vectors.4.faiss", "vectors.5.faiss"]
+        remove_stale(tmp_path, keep=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        writing.name, "base.4.faiss", "base.4.ids.npy", "base.5.faiss", "base.5.ids.npy"]

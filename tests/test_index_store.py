@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -112,37 +111,36 @@ def test_uncommitted_changes_vanish_after_kill(tmp_path: Path) -> None:
     ix.close()
 
 
-def test_stale_or_missing_faiss_file_is_rebuilt(tmp_path: Path) -> None:
+def test_missing_or_damaged_base_files_are_rebuilt(tmp_path: Path) -> None:
     d = tmp_path / "ix"
     vecs = _unit(40, 4)
     ix = ImageIndex.create(d, DIM)
-    ix.add(vecs[:20], _records(20))
-    ix.commit()
-    old = next(d.glob("vectors.*.faiss"))
-    saved = tmp_path / "old.faiss"
-    shutil.copy(old, saved)
-    ix.add(vecs[20:], _records(20, "b"))
+    ids = ix.add(vecs[:20], _records(20))
+    ix.compact()  # a base snapshot of 20 ...
+    ids += ix.add(vecs[20:], _records(20, "b"))
+    ix.remove(ids[:2])  # ... minus 2, plus a delta of 20
     ix.commit()
     ix.close()
-    # Crash between the SQLite commit and the FAISS write: only the previous generation's file.
-    for p in d.glob("vectors.*.faiss"):
-        p.unlink()
-    shutil.copy(saved, d / old.name)
-    (d / ".vectors.junk.tmp").write_bytes(b"half a file")
+    (base,) = d.glob("base.*.faiss")
+    base.write_bytes(b"damaged")
+    (d / ".base.9.faiss.junk.tmp").write_bytes(b"half a file")  # a crashed writer's temporary file
+    (d / "vectors.3.faiss").write_bytes(b"a format-1 cache file")
     ix = ImageIndex.open(d)
-    assert len(ix) == 40
-    assert [row[0].id for row in ix.search(vecs, 1)] == ix.ids()
-    assert sorted(p.name for p in d.iterdir() if "vectors" in p.name) == ["vectors.2.faiss"]
+    assert len(ix) == 38 and ix.ids() == ids[2:]
+    assert [row[0].id for row in ix.search(vecs[2:], 1)] == ids[2:]
+    names = sorted(p.name for p in d.iterdir() if "base" in p.name or "vectors" in p.name)
+    assert names == [base.name, base.name.replace(".faiss", ".ids.npy")]
     ix.close()
 
 
-def test_ivf_is_approximate_with_per_call_params(tmp_path: Path) -> None:
+def test_ivf_flat_is_approximate_with_per_call_params(tmp_path: Path) -> None:
     vecs = _unit(3000, 5)
-    ix = ImageIndex.create(tmp_path / "ix", DIM, index_mode="auto", flat_max=1000)
+    ix = ImageIndex.create(tmp_path / "ix", DIM, index_mode="ivf")
     ids = np.asarray(ix.add(vecs, _records(3000)))
-    ix.commit()
+    ix.compact()
     st = ix.stats()
     assert st["index_kind"] == "ivf" and st["nlist"] > 1 and 1 <= st["nprobe"] <= st["nlist"]
+    assert st["recall_estimate"]["recall_at_10"] >= st["recall_target"] == 0.95
     queries = _unit(30, 6)
     exact_scores, exact_ids = _brute(vecs, ids, queries, 10)
     full = ix.search(queries, 10, params={"nprobe": st["nlist"]})  # every list: exact again
@@ -151,7 +149,7 @@ def test_ivf_is_approximate_with_per_call_params(tmp_path: Path) -> None:
     recall_one = np.mean([len({h.id for h in r} & set(e)) / 10 for r, e in zip(one, exact_ids, strict=True)])
     assert recall_one < 1.0  # one list of many really is approximate
     assert ix.stats()["nprobe"] == st["nprobe"]  # per-call params never change the shared index
-    with pytest.raises(ValueError, match="valid: \\['nprobe'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['k_factor', 'nprobe', 'rerank'\\]"):
         ix.search(queries, 10, params={"efSearch": 3})
     ix.close()
     ix = ImageIndex.open(tmp_path / "ix")

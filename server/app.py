@@ -26,6 +26,7 @@ from server.errors import ErrorResponse, install_error_handlers
 from server.fastpath import EmbedFastPath
 from server.metrics import Metrics, MetricsMiddleware
 from server.routes import duplicates, embed, health, items, page, search
+from server.routes import map as map_view
 from server.schemas import EmbedJSON, ItemJSON, SearchJSON
 from server.settings import Settings
 from server.state import close_resources, open_resources
@@ -84,6 +85,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     app.add_exception_handler(IndexModelMismatch, _model_mismatch)
     for module in (embed, search, items, health, page, duplicates):
         app.include_router(module.router)
+    app.include_router(map_view.router)
     page.mount_static(app)
 
     # added innermost first: metrics sees everything, including 413s from the body limit

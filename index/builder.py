@@ -68,7 +68,10 @@ class BuildConfig:
     commit_interval_s: float = 30.0
     max_pixels: int = DEFAULT_MAX_PIXELS
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-    index_mode: str = "auto"
+    index_mode: str = "auto"  # applied when the index is created, and by `retrain`
+    memory_budget: int | str | None = None  # None: the index's own (a new one: the default, index/budget.py)
+    recall_target: float | None = None  # None: the index's own (a new one: 0.95)
+    retrain: bool = False  # at the end, train the vector index again and tune it (index/compaction.py)
     rehash: bool = False  # hash every file, not only those whose size or mtime changed
     reembed: bool = False  # an index of another model: re-embed every item with this one first
     progress: bool = True
@@ -81,10 +84,12 @@ def open_index_for(cfg: BuildConfig, spec: ModelSpec) -> tuple[ImageIndex, bool]
     created = not (Path(cfg.out) / DB_FILE).is_file()
     if created:
         index = ImageIndex.create(cfg.out, spec.embedding_dim, model_name=spec.name, model_version=spec.version,
-                                  root=root, index_mode=cfg.index_mode)
+                                  root=root, index_mode=cfg.index_mode, memory_budget=cfg.memory_budget)
     else:
         index = ImageIndex.open(cfg.out)
     try:
+        index.configure(memory_budget=cfg.memory_budget, recall_target=cfg.recall_target,
+                        index_mode=cfg.index_mode if cfg.retrain else None)  # recorded with the next commit
         reembed = False
         if cfg.reembed and not created:
             try:  # a legacy index (no fingerprint) cannot prove it is this model's: re-embed it too
@@ -208,6 +213,8 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
         if gone:
             summary["removed"] += index.remove(r.id for r in gone.values())
         index.commit()
+        if cfg.retrain:
+            summary["retrained"] = index.compact(retrain=True) is not None
         elapsed = time.monotonic() - start
         summary.update(count=len(index), elapsed_s=round(elapsed, 3),
                        images_per_s=round(summary["embedded"] / elapsed, 2) if elapsed > 0 else 0.0)

@@ -1,9 +1,10 @@
 """`simsearch index build|query|stats|remove`.
 
     simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR [--reembed]
+    simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR --memory-budget 4GB [--retrain] [--index-type ivfpq]
     simsearch index build FOLDER --triton-url localhost:8001 [--protocol grpc|http] --out INDEX_DIR
     simsearch index build FOLDER --model MODEL_DIR --out INDEX_DIR --ray [ADDRESS]   (docs/distributed.md)
-    simsearch index query IMAGE --index INDEX_DIR -k 10 [--json]
+    simsearch index query IMAGE --index INDEX_DIR -k 10 [--json] [--nprobe N] [--k-factor F] [--no-rerank]
     simsearch index query --id 42 --exclude --index INDEX_DIR -k 10 --offset 10 --min-score 0.5 \
         --where label=cat --path-prefix holidays/ --path-glob '*.jpg'
     simsearch index dups --index INDEX_DIR [--threshold T | --level duplicate|similar] [--json]
@@ -68,7 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--commit-every", type=int, default=512, help="commit after this many embedded files")
     b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     b.add_argument("--index-type", choices=INDEX_MODES, default="auto",
-                   help="auto: exact (flat) up to 50,000 vectors, IVF above; set when the index is created")
+                   help="auto: exact (flat) up to 50,000 vectors, IVF-PQ (fast-scan, re-ranked) above; ivf: "
+                   "IVF-Flat; set when the index is created, or again with --retrain (index/README.md)")
+    b.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="RAM the vector index may use once warm, e.g. 4GB, 512MiB (recorded in the index; "
+                   "default: the index's own, for a new one half of this machine's memory)")
+    b.add_argument("--recall-target", type=float, default=None,
+                   help="recall@10 the search parameters are tuned for (default: the index's own, 0.95)")
+    b.add_argument("--retrain", action="store_true",
+                   help="after indexing, train the vector index again on all vectors and re-tune nprobe/k_factor "
+                   "(it retrains by itself past 4x growth)")
     b.add_argument("--rehash", action="store_true",
                    help="read and sha256 every file, also those whose size and mtime did not change")
     b.add_argument("--reembed", action="store_true",
@@ -86,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=int, default=10, help="number of neighbours")
     _add_search_option_flags(q)
     q.add_argument("--nprobe", type=int, default=None, help="IVF lists to scan (default: the index's own)")
+    q.add_argument("--k-factor", type=int, default=None,
+                   help="IVF-PQ: candidates re-ranked with exact vectors = k x this (default: the index's own)")
+    q.add_argument("--no-rerank", action="store_true", help="IVF-PQ: rank by the PQ codes alone")
     q.add_argument("--json", action="store_true", help="JSON instead of a table")
     _add_model_flags(q, required=False)
 
@@ -145,6 +158,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         cfg = BuildConfig(
             folder=args.folder, out=args.out, batch_size=args.batch_size, decode_workers=args.decode_workers,
             commit_every=args.commit_every, max_pixels=args.max_pixels, index_mode=args.index_type,
+            memory_budget=args.memory_budget, recall_target=args.recall_target, retrain=args.retrain,
             rehash=args.rehash, reembed=args.reembed, progress=not args.no_progress,
         )
         if ray_cfg is None:
@@ -186,7 +200,9 @@ def _cmd_query(args: argparse.Namespace) -> int:
                 vector = backend.embed(array[None])
             finally:
                 backend.close()
-        params = {"nprobe": args.nprobe} if args.nprobe is not None else None
+        params = {k: v for k, v in (("nprobe", args.nprobe), ("k_factor", args.k_factor)) if v is not None}
+        if args.no_rerank:
+            params["rerank"] = False
         allowed = matching_ids(args.index, flt) if flt is not None else None
         hits = index.search(vector, args.k, params=params, allowed_ids=allowed, offset=args.offset,
                             min_score=args.min_score, exclude_ids=[args.id] if args.exclude else None)[0]

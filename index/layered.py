@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 
 from index import vector_index as vi
+from index.whitening import Whitening
 
 _NONE = np.float32(-np.inf)
 
@@ -48,8 +49,11 @@ class BaseSnapshot:
 class LayeredIndex:
     """Base + delta - removed, searched as one index (see the module docstring)."""
 
-    def __init__(self, base: BaseSnapshot, dim: int) -> None:
+    def __init__(self, base: BaseSnapshot, dim: int, whitening: Whitening | None = None) -> None:
         self.base, self.d = base, dim
+        # raw vectors -> the space the base was built in (index/whitening.py); None: raw cosine.
+        # Applied to every vector added and every query, so callers always pass raw vectors.
+        self.whitening = whitening
         self.delta = vi.new_flat(dim)
         self._delta_ids = np.zeros(0, dtype=np.int64)  # ascending: ids only grow
         self.removed = np.zeros(0, dtype=np.int64)  # ascending, each one in base.ids
@@ -80,6 +84,8 @@ class LayeredIndex:
             return
         if int(ids.min()) <= self.last_id:
             raise ValueError(f"ids must grow: {int(ids.min())} <= {self.last_id}")
+        if self.whitening is not None:
+            vectors = self.whitening.apply(vectors)
         self.delta.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         self._delta_ids = np.concatenate([self._delta_ids, np.sort(ids)])
 
@@ -100,6 +106,7 @@ class LayeredIndex:
     def copy_delta_from(self, other: LayeredIndex) -> None:
         """Take `other`'s delta and removals (same base): the start of applying a later commit."""
         self.delta = faiss.clone_index(other.delta)
+        self.whitening = other.whitening
         self._delta_ids, self.removed = other._delta_ids.copy(), other.removed.copy()
 
     # -- search ------------------------------------------------------------------------------
@@ -107,6 +114,8 @@ class LayeredIndex:
         """[Q, k] scores and ids (-1 / -inf where fewer exist), best first; `params`: a
         vector_index.SearchSettings, or any object with a `sel` (plain faiss.SearchParameters)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.whitening is not None:
+            x = self.whitening.apply(x)
         settings = params if isinstance(params, vi.SearchSettings) else vi.SearchSettings(
             sel=getattr(params, "sel", None))
         parts = []
@@ -127,7 +136,8 @@ class LayeredIndex:
                 self._removed_sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.removed))
             sel = self._removed_sel if sel is None else faiss.IDSelectorAnd(sel, self._removed_sel)
         rerank = s.rerank and base.vectors is not None
-        fetch = min(k * s.k_factor if rerank else k, len(base))
+        # k_factor is tuned at k = 10: a smaller k re-ranks as many candidates, or it would miss more
+        fetch = min(max(k, vi.RERANK_MIN_K) * s.k_factor if rerank else k, len(base))
         if base.kind in vi.IVF_KINDS:
             fp = faiss.SearchParametersIVF(nprobe=s.nprobe, sel=sel)
         else:

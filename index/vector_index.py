@@ -43,6 +43,7 @@ KMEANS_ITERATIONS = 10
 PQ_BITS = 4
 LISTS_PER_SQRT_N = {"ivf": 4.0, "ivfpq": 1.0}
 DEFAULT_K_FACTOR = 4
+RERANK_MIN_K = 10  # re-ranking looks at max(k, this) x k_factor candidates: k_factor is tuned at k = 10
 ID_BYTES = 8
 
 

@@ -1,12 +1,14 @@
 """The live index: a running server follows the commits other processes make to its index.
 
 A watcher thread polls the committed generation in SQLite every `POLL_S` (0.25 s; one small
-query). On a new commit it loads that generation's FAISS index on its own connection, with no
-lock held, and swaps it in under a short write lock (`ImageIndex.refresh`): searches never wait
-for the load and never fail during the switch. Latency: a commit is searchable within about
-`POLL_S` + the time to read its FAISS file (about 1 s per GB) — within 2 s for indexes up to a
-few hundred thousand vectors; a writer that died before writing the file costs a rebuild from
-the rows after `index.generation.FAISS_WAIT_S` (2 s).
+query). On a new commit it reads, on its own connection and with no lock held, only what changed
+since the commit it serves (`ImageIndex.refresh`, index/generation.py): the rows added (ids above
+the largest it has) and the ids removed (the `removed` log), and applies them to its in-memory
+delta under a short write lock (a copy of the new rows; searches never wait for SQLite). When the
+commit published a new base snapshot (a compaction, a retrain, a re-embedding), the new base is
+opened memory-mapped instead, which takes milliseconds whatever its size, and swapped in. Latency:
+a commit is searchable within `POLL_S` + the time to read its new rows, well inside 2 s, at any
+index size; nothing is re-read in proportion to the collection.
 
 When a commit changes the model the index belongs to (a `--reembed` switch), the index handle
 refuses it (it is bound to the server's model). The watcher then loads the model again from the

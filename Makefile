@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 # serves in one process on the CPU: nothing from `triton` (nvidia-pytriton, whose bundled
 # tritonserver needs glibc >= 2.35) nor `dev`, so it installs on older Linux too.
 DEMO_EXTRAS ?= cpu,serve,train
-# The tests add the local Triton server, the test tools and Ray (`index build --ray`).
-TEST_EXTRAS ?= triton,dev,ray
+# The tests add the local Triton server, the test tools, Ray (`index build --ray`) and pyarrow
+# (`index export` to Parquet).
+TEST_EXTRAS ?= triton,dev,ray,export
 IMAGES ?= tests/data/cifar10-sample/train
 WORKDIR ?= demo-run
 BUDGET ?= 180

@@ -183,6 +183,9 @@ def bench_ray(folder: Path, model: Path, args: argparse.Namespace, work: Path, p
         "ray_build_images_per_s": round(rate, 1), "ray_over_plain_build": round(rate / plain, 3),
         "images_per_s_per_actor": round(rate / stage["actors"], 1),
         "ray_stage_images_per_s": stage["images_per_s"], "ray_stage_s": stage["elapsed_s"],
+        "ray_first_shard_s": stage.get("first_shard_s"), "ray_steady_images_per_s": stage.get("steady_images_per_s"),
+        "ray_steady_over_plain_build": round(stage["steady_images_per_s"] / plain, 3)
+        if stage.get("steady_images_per_s") else None,
         "ingest_s": round(seconds - stage["elapsed_s"], 2), "seconds": round(seconds, 2),
         "load_avg_1m_before": round(load, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
     }
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000, help="CIFAR test images used as queries")
     p.add_argument("--skip-recall", action="store_true", help="throughput only")
     p.add_argument("--skip-photos", action="store_true", help="CIFAR only")
+    p.add_argument("--skip-cifar", action="store_true", help="photos only")
     p.add_argument("--skip-throughput", action="store_true", help="recall only")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="also `index build --ray` each folder (no ADDRESS: a new local Ray on every CPU)")
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model}; decode workers {args.decode_workers}; batch {args.batch_size}")
     report: dict[str, Any] = {"model": str(model), "decode_workers": args.decode_workers, "batch_size": args.batch_size,
                               "cpus": os.cpu_count(), "load_avg_1m_start": round(os.getloadavg()[0], 2)}
-    if not args.skip_throughput:
+    if not args.skip_throughput and not args.skip_cifar:
         print(f"CIFAR-10 test folder {args.cifar}")
         report["cifar"] = bench_folder(args.cifar, model, args, args.work)
     if not args.skip_photos and not args.skip_throughput:

@@ -23,8 +23,7 @@ class RayConfig:
     actor_resources: dict[str, float] = field(default_factory=dict)  # custom resources each actor needs
     decode: str = "auto"  # where files are read and decoded: "tasks" apart from the actors, or in "actors"
     decode_cpus: float = 1.0  # CPUs one read-and-decode task reserves (decode="tasks")
-    files_per_task: int = 256  # files one read-and-decode task handles
-    shard_rows: int = 4096  # rows per shard file
+    files_per_task: int = 256  # files per input block: one decoding task, one actor call, one shard
     keep_shards: bool = False  # keep every shard after ingestion (else only the failures' rows are kept)
 
     def __post_init__(self) -> None:
@@ -32,8 +31,8 @@ class RayConfig:
             raise ValueError("--ray-actors and --ray-cpus-per-actor must be >= 0, --ray-decode-cpus > 0")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError("--ray-gpus-per-actor must be >= 0")
-        if self.files_per_task < 1 or self.shard_rows < 1:
-            raise ValueError("--ray-files-per-task and --shard-rows must be >= 1")
+        if self.files_per_task < 1:
+            raise ValueError("--ray-files-per-task must be >= 1")
         if self.decode not in DECODE_PLACES:
             raise ValueError(f"--ray-decode {self.decode!r} is not one of {DECODE_PLACES}")
 
@@ -46,7 +45,6 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    "started on this machine, else a new local Ray")
     g.add_argument("--shard-dir", default=None, help="where the shards go (shared storage on a cluster); "
                    "default: INDEX/shards")
-    g.add_argument("--shard-rows", type=int, default=4096, help="rows per shard file")
     g.add_argument("--keep-shards", action="store_true",
                    help="keep every shard after the index ingested it (default: keep only the failed files' rows)")
     g.add_argument("--ray-actors", type=int, default=0,
@@ -63,11 +61,13 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    "busy) or inside each actor (`actors`: no pixels cross processes, best on CPUs); auto: tasks "
                    "when the actors have GPUs")
     g.add_argument("--ray-decode-cpus", type=float, default=1.0, help="CPUs per read-and-decode task")
-    g.add_argument("--ray-files-per-task", type=int, default=256, help="files per read-and-decode task")
+    g.add_argument("--ray-files-per-task", type=int, default=256,
+                   help="files per input block (one decoding task, one actor call, one shard); smaller when "
+                   "that leaves fewer than four blocks per actor")
 
 
 # the flags above other than --ray, with their defaults: given without --ray they would do nothing
-_RAY_ONLY = {"shard_dir": None, "shard_rows": 4096, "keep_shards": False, "ray_actors": 0, "ray_cpus_per_actor": 1.0,
+_RAY_ONLY = {"shard_dir": None, "keep_shards": False, "ray_actors": 0, "ray_cpus_per_actor": 1.0,
              "ray_gpus_per_actor": None, "ray_actor_resources": {}, "ray_decode": "auto", "ray_decode_cpus": 1.0,
              "ray_files_per_task": 256}
 
@@ -87,5 +87,5 @@ def ray_config_from_args(args: argparse.Namespace) -> RayConfig | None:
         cpus_per_actor=args.ray_cpus_per_actor, gpus_per_actor=args.ray_gpus_per_actor,
         actor_resources={str(k): float(v) for k, v in resources.items()}, decode=args.ray_decode,
         decode_cpus=args.ray_decode_cpus,
-        files_per_task=args.ray_files_per_task, shard_rows=args.shard_rows, keep_shards=args.keep_shards,
+        files_per_task=args.ray_files_per_task, keep_shards=args.keep_shards,
     )

@@ -1,6 +1,6 @@
 """The Ray stage of `index build --ray`: image files -> embedding shards, on a Ray cluster.
 
-A Ray Data pipeline of three operators:
+A Ray Data pipeline over blocks of `files_per_task` files:
 
 1. **read and decode**: read the file, stat it, sha256 the bytes, and turn them into the model's
    uint8 pixels with `embed.preprocess.load_image_array`, the same function and resize rule as
@@ -8,17 +8,18 @@ A Ray Data pipeline of three operators:
    or decoded becomes a row with its reason. With GPU actors these are tasks of their own
    (`decode_cpus` each, spread over the nodes) that keep the GPUs fed; on CPUs only, each actor
    decodes its own batches (`plan_actors`).
-2. **embed** (an actor pool): each actor opens the model once — ONNX Runtime on a copy of the
-   model directory's files, shipped through Ray's object store so that only the driver needs the
-   directory (CUDA/TensorRT when the actor has a GPU and onnxruntime-gpu is installed), or a
-   Triton server — checks its fingerprint, and embeds batches of `batch_size`.
-3. **write** (tasks): `shard_rows` rows at a time into one Parquet shard (index/shards.py), written
-   atomically to the shard directory.
+2. **embed and write** (an actor pool): each actor opens the model once — ONNX Runtime on a copy
+   of the model directory's files, shipped through Ray's object store so that only the driver
+   needs the directory (CUDA/TensorRT when the actor has a GPU and onnxruntime-gpu is installed),
+   or a Triton server — and checks its fingerprint. Per block it embeds in batches of
+   `batch_size` and writes the block's rows as one Parquet shard (index/shards.py), atomically.
+   (A separate writing operator would cost a worker process of its own, whose start on a busy
+   node delays the end of a run by seconds, and a copy of every vector through the object store.)
 
 The driver only lists the files to do (the caller decides which: index/ray_build.py) and counts
-what the writers report. Every node must see the folder (and the shard directory) at the same
-path: shared storage. Ray restarts a dead actor and retries its batches, and retries a task whose
-worker died, so a killed worker costs time, not the run; a retried writer rewrites the same shard.
+what the actors report. Every node must see the folder and the shard directory at the same path:
+shared storage. Ray restarts a dead actor and retries its blocks, and retries a task whose worker
+died, so a killed worker costs time, not the run; a retried block rewrites the same shard.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ def model_payload(model_source: dict[str, Any]) -> dict[str, Any]:
 
 
 class EmbedActor:
-    """One model instance in the actor pool: rows with pixels in (or, with `decode`, the files' rows,
-    read and decoded here first), rows with vectors out."""
+    """One model instance in the actor pool: a block of rows with pixels in (or, with `decode`, the
+    files' rows, read and decoded here first), one shard written, its name and counts out."""
 
     def __init__(self, model: Any, fingerprint: str, batch_size: int, intra_op_threads: int,
-                 decode: dict[str, Any] | None = None) -> None:
+                 shard_dir: str, meta: dict[str, Any], decode: dict[str, Any] | None = None) -> None:
         import ray
 
         from embed.backends import BackendError, open_backend
@@ -109,7 +110,7 @@ class EmbedActor:
         if self.backend.spec.fingerprint != fingerprint:
             raise BackendError(f"the model this actor opened has fingerprint {self.backend.spec.fingerprint[:12]}…, "
                                f"the driver's has {fingerprint[:12]}…: not the same model")
-        self.decode = decode
+        self.shard_dir, self.meta, self.decode = shard_dir, meta, decode
         logger.info("embedding actor pid %d on %s", os.getpid(), self.backend)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -119,16 +120,11 @@ class EmbedActor:
         vectors = np.zeros((len(ok), self.backend.spec.embedding_dim), np.float32)
         if ok.any():
             vectors[ok] = self.backend.embed(np.asarray(batch["pixels"])[ok])
-        out = {k: v for k, v in batch.items() if k != "pixels"}
-        out["vector"] = vectors
-        return out
-
-
-def write_shard_rows(batch: dict[str, Any], *, shard_dir: str, meta: dict[str, Any]) -> dict[str, Any]:
-    name = write_shard(shard_dir, meta, batch)
-    failed = int(np.count_nonzero(np.asarray(batch["reason"], dtype=object) != ""))
-    return {"shard": np.array([name], dtype=object), "rows": np.array([len(batch["path"])]),
-            "failed": np.array([failed])}
+        rows = {k: v for k, v in batch.items() if k != "pixels"}
+        rows["vector"] = vectors
+        name = write_shard(self.shard_dir, self.meta, rows)
+        return {"shard": np.array([name], dtype=object), "rows": np.array([len(ok)]),
+                "failed": np.array([int(np.count_nonzero(~ok))])}
 
 
 @dataclass(frozen=True)
@@ -195,9 +191,12 @@ def embed_on_ray(files: list[tuple[str, int, float]], *, root: str, shard_dir: s
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ctx.print_on_execution_start = False
-        # from_items builds the blocks here (from_arrow would run a remote task per block for its metadata)
+        # A block goes to one task or actor whole: at least four per actor, so that a small run
+        # still spreads over every actor. from_items builds the blocks here (from_arrow would run
+        # a remote task per block for its metadata).
+        blocks = max(-(-len(files) // cfg.files_per_task), min(len(files), 4 * plan.actors))
         ds = ray.data.from_items([{"path": p, "size": s, "mtime": m} for p, s, m in files],
-                                 override_num_blocks=-(-len(files) // cfg.files_per_task))
+                                 override_num_blocks=blocks)
         decode = {"root": root, "rule": ResizeRule.of(spec), "max_pixels": max_pixels}
         with warnings.catch_warnings():
             # Ray Data fuses a task operator into the next actor operator when their resources and
@@ -209,25 +208,30 @@ def embed_on_ray(files: list[tuple[str, int, float]], *, root: str, shard_dir: s
                 ds = ds.map_batches(read_and_decode, batch_size=None, batch_format="numpy", num_cpus=cfg.decode_cpus,
                                     fn_kwargs=decode, scheduling_strategy="SPREAD")
             ds = ds.map_batches(
-                EmbedActor, batch_size=batch_size, batch_format="numpy",
+                EmbedActor, batch_size=None, batch_format="numpy",  # a block per call: one shard each
                 compute=ray.data.ActorPoolStrategy(size=plan.actors),
                 fn_constructor_kwargs={
                     "model": ray.put(model_payload(model_source)), "fingerprint": spec.fingerprint,
                     "batch_size": batch_size, "intra_op_threads": max(1, round(plan.cpus_per_actor)),
-                    "decode": decode if plan.decode_in_actors else None},
+                    "shard_dir": str(shard_dir), "meta": meta, "decode": decode if plan.decode_in_actors else None},
                 num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                 resources=dict(cfg.actor_resources) or None, scheduling_strategy="DEFAULT")
-        # Writing a shard is I/O: no CPU reserved, so that actors holding every CPU cannot starve it;
-        # a pool of its own instead (without a cap, zero-CPU tasks would start a worker each).
-        ds = ds.map_batches(write_shard_rows, batch_size=cfg.shard_rows, batch_format="numpy", num_cpus=0,
-                            compute=ray.data.TaskPoolStrategy(size=max(1, plan.actors // 4)),
-                            fn_kwargs={"shard_dir": str(shard_dir), "meta": meta})
+        first: tuple[float, int] | None = None  # when the first shard came back, and its rows
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             summary["shards_written"] += len(out["shard"])
             summary["failed"] += int(out["failed"].sum())
             summary["embedded"] += int(out["rows"].sum() - out["failed"].sum())
-        elapsed = time.monotonic() - start
+            if first is None:
+                first = (time.monotonic(), int(out["rows"].sum()))
+        end = time.monotonic()
+        elapsed = end - start
         summary.update(elapsed_s=round(elapsed, 3), images_per_s=round(len(files) / elapsed, 2))
+        if first is not None:
+            # start-up (connecting, actors loading the model, the first shard) apart from the steady
+            # rate, which is what each added machine multiplies
+            summary["first_shard_s"] = round(first[0] - start, 3)
+            if end > first[0] and len(files) > first[1]:
+                summary["steady_images_per_s"] = round((len(files) - first[1]) / (end - first[0]), 2)
         return summary
     finally:
         if started_here:

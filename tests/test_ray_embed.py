@@ -89,7 +89,7 @@ def _shard_rows(shard_dir: Path) -> dict[str, tuple]:
 
 def _ray_build(folder: Path, model: Path, out: Path, summary: Path, log: Path, address: str, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "index.cli", "build", str(folder), "--model", str(model), "--out", str(out),
-           "--summary", str(summary), "--no-progress", "--batch-size", "16", "--shard-rows", "64",
+           "--summary", str(summary), "--no-progress", "--batch-size", "16",
            "--ray-files-per-task", "32", "--ray", address, "--ray-actors", "1",
            "--ray-actor-resources", '{"worker2": 1}', *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=ray_env(), stdout=open(log, "ab"), stderr=subprocess.STDOUT)
@@ -272,8 +272,9 @@ def test_a_build_without_ray_imports_neither_ray_nor_pyarrow(tiny: Path, tmp_pat
 
 
 def test_ray_flags_need_ray(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["build", str(tmp_path), "--model", str(tiny), "--out", str(tmp_path / "idx"), "--shard-rows", "8"])
-    assert rc == 2 and "--shard-rows only apply with --ray" in capsys.readouterr().err
+    rc = main(["build", str(tmp_path), "--model", str(tiny), "--out", str(tmp_path / "idx"), "--shard-dir", "x",
+               "--ray-actors", "2"])
+    assert rc == 2 and "--shard-dir, --ray-actors only apply with --ray" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()
 
 

@@ -12,16 +12,25 @@ label; the figure is the mean over queries. Methods:
 - each `--model DIR`: the model directory's vectors through `embed/` (ONNX Runtime), exactly the
   vectors `simsearch index build` and the server compute.
 
-Methods are functions from a list of files to an [N, D] array (`METHODS`, `model_method`); a
-post-processing step on the vectors (e.g. whitening fitted on the gallery) fits in `evaluate`.
-Data come from the tarballs in ../shared/data, extracted once to --scratch. Prints a table and one
-JSON line.
+Whitening (index/whitening.py, the code `index build --whiten` runs): each `--whiten SPEC` is a
+PCA whitening fitted on the gallery's vectors and applied to gallery and queries, then l2
+normalisation; `none` is the plain cosine. SPEC is `p<eigen_power>[,s<shrinkage>][,d<dims>]`, e.g.
+`p-0.5` (full whitening), `p0` (centre + rotate only), `p-0.5,s0.1`, `p-0.5,d128`.
+`--gallery-sizes` repeats everything on seeded random subsets of the gallery (the whitening fitted
+on the subset, as an index of that size would fit it), since a covariance estimated from few
+vectors is noisy. Each method's vectors are computed once and cached in --scratch/features.
+
+Methods are functions from a list of files to an [N, D] array (`METHODS`, `model_method`).
+Data come from the tarballs in ../shared/data, extracted once to --scratch. Prints a table (P@10,
+and each whitening's ratio to no whitening) and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,16 +39,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+# spinning OpenMP waits make FAISS's PCA and PyTorch tens of times slower on shared cores (as in the CLI)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from index.whitening import WhiteningSpec, apply_whitening, fit_whitening, min_points  # noqa: E402
 from pretrain.data import list_images, load_resized  # noqa: E402
 from pretrain.retrieval import precision_at_k  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 K = 10
+DEFAULT_WHITEN = ("none", "p0", "p-0.5", "p-0.5,s0.01", "p-0.5,s0.03", "p-0.5,s0.1", "p-0.5,s0.3", "p-0.5,s1",
+                  "p-0.25,s0.1", "p-0.5,s0.1,d64", "p-0.5,s0.1,d128")
 
 
 @dataclass(frozen=True)
@@ -109,13 +124,57 @@ def ensure_extracted(dataset: Dataset, scratch: Path, shared: Path) -> Path:
     return scratch
 
 
-def evaluate(method: Method, gallery: list[Path], gallery_labels: np.ndarray, queries: list[Path],
-             query_labels: np.ndarray) -> dict[str, float]:
-    t0 = time.time()
-    g, q = method(gallery), method(queries)
-    p = precision_at_k(torch.from_numpy(g), torch.from_numpy(gallery_labels), torch.from_numpy(q),
-                       torch.from_numpy(query_labels), k=K)
-    return {"p_at_10": p, "dim": int(g.shape[1]), "seconds": time.time() - t0}
+def parse_whiten(text: str) -> WhiteningSpec | None:
+    """`none` or `p<eigen_power>[,s<shrinkage>][,d<dims>]` (see the module docstring)."""
+    if text == "none":
+        return None
+    fields = {"p": "eigen_power", "s": "shrinkage", "d": "dim"}
+    kwargs: dict[str, float | int] = {}
+    for part in text.split(","):
+        key, value = part[:1], part[1:]
+        if key not in fields or not value:
+            raise argparse.ArgumentTypeError(f"bad whitening {text!r}: parts are p<power>, s<shrinkage>, d<dims>")
+        kwargs[fields[key]] = int(value) if key == "d" else float(value)
+    return WhiteningSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def cached_features(method: Method, key: str, paths: list[Path], cache: Path) -> np.ndarray:
+    """The method's vectors for `paths`, computed once per (method, file list) and kept in `cache`."""
+    digest = hashlib.sha256(("\n".join(map(str, paths)) + "\0" + key).encode()).hexdigest()[:16]
+    target = cache / f"{digest}.npy"
+    if target.is_file():
+        return np.load(target)
+    vectors = np.ascontiguousarray(method(paths), dtype=np.float32)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(target, vectors)
+    return vectors
+
+
+def method_key(name: str) -> str:
+    """A cache key that changes when a model directory's weights do (its fingerprint)."""
+    if name.startswith("model:"):
+        spec = json.loads((Path(name[6:]) / "model.json").read_text())
+        return f"{name}:{spec.get('fingerprint') or (Path(name[6:]) / 'model.onnx').stat().st_mtime}"
+    return name
+
+
+def score(g: np.ndarray, gl: np.ndarray, q: np.ndarray, ql: np.ndarray, whiten: WhiteningSpec | None) -> float:
+    if whiten is not None:
+        transform = fit_whitening(g, whiten)
+        g, q = apply_whitening(transform, g), apply_whitening(transform, q)
+    return precision_at_k(torch.from_numpy(g), torch.from_numpy(gl), torch.from_numpy(q),
+                          torch.from_numpy(ql), k=K)
+
+
+def gallery_subsets(n: int, sizes: list[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """Index arrays of seeded random gallery subsets, by size label (`all`: every item)."""
+    out = {}
+    for size in sizes:
+        if size == "all" or int(size) >= n:
+            out["all" if size == "all" else f"{n}"] = np.arange(n)
+        else:
+            out[size] = np.sort(np.random.default_rng(seed).choice(n, int(size), replace=False))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scratch", type=Path, default=Path("/tmp/simsearch-bench-retrieval"), help="extraction folder")
     p.add_argument("--shared", type=Path, default=SHARED, help="folder holding the data tarballs")
     p.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel floor")
+    p.add_argument("--whiten", nargs="+", type=parse_whiten, default=None,
+                   help=f"whitening settings fitted on the gallery (default: {' '.join(DEFAULT_WHITEN)})")
+    p.add_argument("--gallery-sizes", nargs="+", default=["all"],
+                   help="gallery subset sizes (seeded random subsets; `all`: the whole gallery)")
     args = p.parse_args(argv)
+    whitens = args.whiten if args.whiten is not None else [parse_whiten(w) for w in DEFAULT_WHITEN]
+    if None not in whitens:
+        whitens.insert(0, None)
     methods = {} if args.no_pixels else dict(METHODS)
     for model_dir in args.model:
         methods[f"model:{model_dir}"] = model_method(model_dir)
@@ -139,13 +205,41 @@ def main(argv: list[str] | None = None) -> int:
         queries, query_labels, query_classes = labelled_files(root, ds.queries)
         if classes != query_classes:
             raise ValueError(f"{name}: gallery classes {classes} differ from query classes {query_classes}")
-        rows = {m: evaluate(fn, gallery, gallery_labels, queries, query_labels) for m, fn in methods.items()}
-        pixels = rows.get("pixels", {}).get("p_at_10")
-        print(f"\n{name}: {len(queries)} queries vs a gallery of {len(gallery)}, {len(classes)} classes, P@{K} by label")
-        for m, r in rows.items():
-            extra = f"  {r['p_at_10'] / pixels:.2f}x pixels, {r['p_at_10'] - 2 * pixels:+.3f} vs 2x pixels" if pixels else ""
-            print(f"  {m:<60} {r['p_at_10']:.3f}  (D={r['dim']}, {r['seconds']:.0f} s){extra}")
-        report[name] = {"n_gallery": len(gallery), "n_queries": len(queries), "k": K, "methods": rows}
+        subsets = gallery_subsets(len(gallery), args.gallery_sizes)
+        rows: dict[str, dict] = {}
+        for m, fn in methods.items():
+            t0 = time.time()
+            g = cached_features(fn, method_key(m), gallery, args.scratch / "features")
+            q = cached_features(fn, method_key(m), queries, args.scratch / "features")
+            embed_s = time.time() - t0
+            for spec in whitens:
+                label = "none" if spec is None else spec.label()
+                if spec is not None and spec.dim >= g.shape[1]:
+                    continue  # keeping every axis is the full-dimension setting, measured once
+                by_size = {}
+                for size, idx in subsets.items():
+                    if spec is not None and len(idx) < min_points(spec.dim or g.shape[1]):
+                        by_size[size] = None  # the index would not whiten (index/whitening.py)
+                        continue
+                    by_size[size] = score(g[idx], gallery_labels[idx], q, query_labels, spec)
+                rows[f"{m} {label}"] = {"method": m, "whiten": label, "dim": int(g.shape[1]),
+                                        "features_s": round(embed_s, 1), "p_at_10": by_size}
+        print(f"\n{name}: {len(queries)} queries vs a gallery of {len(gallery)} (subsets: "
+              f"{', '.join(subsets)}), {len(classes)} classes, P@{K} by label; ratio = P@10 / P@10 without whitening")
+        print(f"  {'method':<40} {'whitening':<24}" + "".join(f"{s:>16}" for s in subsets))
+        for r in rows.values():
+            base = rows[f"{r['method']} none"]["p_at_10"]
+            cells = []
+            for size, v in r["p_at_10"].items():
+                cells.append(f"{'-':>16}" if v is None else f"{v:>8.3f} ({v / base[size]:.2f}x)")
+            print(f"  {r['method']:<40} {r['whiten']:<24}" + "".join(cells))
+        pixels = rows.get("pixels none", {}).get("p_at_10")
+        if pixels:
+            for r in rows.values():
+                if r["method"] != "pixels" and r["whiten"] == "none":
+                    ratios = ", ".join(f"{s}: {r['p_at_10'][s] / pixels[s]:.2f}x" for s in subsets)
+                    print(f"  {r['method']} vs raw pixels (no whitening): {ratios}")
+        report[name] = {"n_gallery": len(gallery), "n_queries": len(queries), "k": K, "rows": rows}
     print(json.dumps(report))
     return 0
 

@@ -46,7 +46,7 @@ from embed.backends.base import Backend
 from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
 from embed.embedder import Embedder, default_decode_workers
 from embed.spec import ModelSpec
-from index import identity
+from index import identity, whitening
 from index.identity import IndexModelMismatch
 from index.records import IndexedFile
 from index.reembed import reembed_index
@@ -71,6 +71,7 @@ class BuildConfig:
     index_mode: str = "auto"  # applied when the index is created, and by `retrain`
     memory_budget: int | str | None = None  # None: the index's own (a new one: the default, index/budget.py)
     recall_target: float | None = None  # None: the index's own (a new one: 0.95)
+    whiten: str | None = None  # auto|on|off; None: the index's own (a new one: auto, index/whitening.py)
     retrain: bool = False  # at the end, train the vector index again and tune it (index/compaction.py)
     rehash: bool = False  # hash every file, not only those whose size or mtime changed
     reembed: bool = False  # an index of another model: re-embed every item with this one first
@@ -84,12 +85,14 @@ def open_index_for(cfg: BuildConfig, spec: ModelSpec) -> tuple[ImageIndex, bool]
     created = not (Path(cfg.out) / DB_FILE).is_file()
     if created:
         index = ImageIndex.create(cfg.out, spec.embedding_dim, model_name=spec.name, model_version=spec.version,
-                                  root=root, index_mode=cfg.index_mode, memory_budget=cfg.memory_budget)
+                                  root=root, index_mode=cfg.index_mode, memory_budget=cfg.memory_budget,
+                                  whiten=cfg.whiten or whitening.DEFAULT_MODE)
     else:
         index = ImageIndex.open(cfg.out)
     try:
         index.configure(memory_budget=cfg.memory_budget, recall_target=cfg.recall_target,
-                        index_mode=cfg.index_mode if cfg.retrain else None)  # recorded with the next commit
+                        index_mode=cfg.index_mode if cfg.retrain else None,  # recorded with the next commit
+                        whiten=cfg.whiten)
         reembed = False
         if cfg.reembed and not created:
             try:  # a legacy index (no fingerprint) cannot prove it is this model's: re-embed it too

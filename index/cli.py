@@ -42,6 +42,7 @@ from index.ray_config import add_ray_arguments, ray_config_from_args
 from index.schema import IndexDirError
 from index.store import ImageIndex
 from index.vector_index import INDEX_MODES
+from index.whitening import WHITEN_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the index's own, for a new one half of this machine's memory)")
     b.add_argument("--recall-target", type=float, default=None,
                    help="recall@10 the search parameters are tuned for (default: the index's own, 0.95)")
+    b.add_argument("--whiten", choices=WHITEN_MODES, default=None,
+                   help="PCA whitening fitted on the indexed vectors: auto (from 1,000 items), on, off; "
+                   "default: the index's own setting (a new index: auto). Scores are then cosines in the "
+                   "whitened space (index/README.md)")
     b.add_argument("--retrain", action="store_true",
                    help="after indexing, train the vector index again on all vectors and re-tune nprobe/k_factor "
                    "(it retrains by itself past 4x growth)")
@@ -159,6 +164,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             folder=args.folder, out=args.out, batch_size=args.batch_size, decode_workers=args.decode_workers,
             commit_every=args.commit_every, max_pixels=args.max_pixels, index_mode=args.index_type,
             memory_budget=args.memory_budget, recall_target=args.recall_target, retrain=args.retrain,
+            whiten=args.whiten,
             rehash=args.rehash, reembed=args.reembed, progress=not args.no_progress,
         )
         if ray_cfg is None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from index import tuning
+from index import tuning, whitening
 from index import vector_index as vi
 from index.budget import effective_budget
 from index.faiss_file import base_paths, read_array, remove_stale, write_array, write_index
@@ -78,6 +78,8 @@ def due(meta: dict[str, Any], layered: LayeredIndex) -> str | None:
         return f"kind {meta['index_kind']} -> {plan.kind}"
     if vi.needs_training(plan) and n > vi.RETRAIN_GROWTH * max(int(meta.get("trained_on") or 0), 1):
         return f"grown {vi.RETRAIN_GROWTH}x past its training"
+    if (reason := whitening.refit_reason(meta, n)) is not None:
+        return reason
     if layered.delta_count > max(DELTA_MIN_ROWS, DELTA_FRACTION * base_n):
         return f"delta of {layered.delta_count} rows"
     if len(layered.removed) > max(DELTA_MIN_ROWS, REMOVED_FRACTION * base_n):
@@ -109,9 +111,11 @@ def build_base(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
     plan, recorded = planned(meta, n), vi.Plan.of_meta(meta)
     grown = n > vi.RETRAIN_GROWTH * max(int(meta.get("trained_on") or 0), 1)
     shape_changed = (plan.kind, plan.pq_m, plan.opq) != (recorded.kind, recorded.pq_m, recorded.opq)
-    train = vi.needs_training(plan) and (retrain or shape_changed or grown or not meta.get("trained_on"))
+    space, space_updates, refitted = whitening.for_base(conn, meta, n, lambda size: _sample(conn, dim, size))
+    # a new whitening is a new space: what was trained in the old one is trained again
+    train = vi.needs_training(plan) and (retrain or shape_changed or grown or refitted or not meta.get("trained_on"))
     updates: dict[str, Any] = {"base_generation": generation if n else 0, "base_hwm": hwm if n else 0,
-                               "base_count": n, "format_version": FORMAT_VERSION}
+                               "base_count": n, "format_version": FORMAT_VERSION, **space_updates}
     blob, trained = None, time.perf_counter()
     if not vi.needs_training(plan):
         index = vi.new_flat(dim)
@@ -119,7 +123,7 @@ def build_base(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
         blob = b""  # no training to keep
     elif train:
         sample = _sample(conn, dim, vi.training_size(plan, n))
-        index = vi.train(plan, sample)
+        index = vi.train(plan, sample if space is None else space.apply(sample))
         blob = vi.serialize(index)
         updates.update(trained_on=n, training_size=len(sample), trained_at=time.time())
     else:
@@ -135,6 +139,8 @@ def build_base(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
         for ids, vecs in rows_after(conn, 0, dim):
             if should_stop():
                 raise Cancelled
+            if space is not None:
+                vecs = space.apply(vecs)
             index.add_with_ids(vecs, ids)
             id_parts.append(ids)
             yield vecs
@@ -152,7 +158,8 @@ def build_base(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
     if train or (vi.needs_training(plan) and not meta.get("recall_estimate")):
         vectors = read_array(paths.vectors) if plan.rerank else None
         base = BaseSnapshot(generation, hwm, plan.kind, index, all_ids, vectors)
-        updates.update(_tune(conn, base, dim, plan, float(meta.get("recall_target") or tuning.DEFAULT_RECALL_TARGET)))
+        updates.update(_tune(conn, base, dim, plan, float(meta.get("recall_target") or tuning.DEFAULT_RECALL_TARGET),
+                             space))
     elif not vi.needs_training(plan):
         updates["recall_estimate"] = {"recall_at_10": 1.0, "exact": True, "measured_at": time.time()}
     tuned = time.perf_counter() - tuned
@@ -163,7 +170,8 @@ def build_base(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
     return updates, blob
 
 
-def _tune(conn: sqlite3.Connection, base: BaseSnapshot, dim: int, plan: vi.Plan, target: float) -> dict[str, Any]:
+def _tune(conn: sqlite3.Connection, base: BaseSnapshot, dim: int, plan: vi.Plan, target: float,
+          space: whitening.Whitening | None = None) -> dict[str, Any]:
     rows = tuning.sample_queries(base.ids)
     if base.vectors is not None:
         queries = np.ascontiguousarray(base.vectors[rows])
@@ -174,10 +182,12 @@ def _tune(conn: sqlite3.Connection, base: BaseSnapshot, dim: int, plan: vi.Plan,
     else:
         wanted = set(base.ids[rows].tolist())
         queries = np.concatenate([v[np.isin(i, list(wanted))] for i, v in rows_after(conn, 0, dim)])
+        if space is not None:  # the base holds whitened vectors: measure recall in that space
+            queries = space.apply(queries)
 
         def chunks() -> Iterator[np.ndarray]:
             for _, vecs in rows_after(conn, 0, dim):
-                yield np.ascontiguousarray(vecs)
+                yield np.ascontiguousarray(vecs if space is None else space.apply(vecs))
     query_ids = base.ids[rows]
     truth = tuning.ground_truth(queries, query_ids, np.asarray(base.ids), chunks)
     return tuning.tune(base, dim, plan.nlist, queries, query_ids, truth, target).as_meta()
@@ -200,6 +210,7 @@ def publish(conn: sqlite3.Connection, snapshot_meta: dict[str, Any], generation:
 def record_base(conn: sqlite3.Connection, generation: int, updates: dict[str, Any], blob: bytes | None) -> None:
     """The metadata and training of the base of commit `generation`; the removals it reflects leave the log."""
     ensure_removed_table(conn)
+    whitening.record(conn, updates)  # a new whitening fit travels in `updates`: into its blob
     conn.execute("DELETE FROM removed WHERE generation <= ?", (generation,))
     if blob is not None:
         conn.execute("DELETE FROM blobs WHERE key IN ('trained', 'ivf_trained')")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from index import vector_index as vi
+from index import whitening
 from index.faiss_file import base_paths, read_array, read_index, remove_stale, write_array, write_index
 from index.layered import BaseSnapshot, LayeredIndex
 from index.schema import DB_FILE, IndexDirError, read_meta, removed_since
@@ -90,11 +91,14 @@ def _rebuild_base(conn: sqlite3.Connection, meta: dict[str, Any], directory: Pat
     generation, hwm, dim = int(meta["base_generation"]), int(meta["base_hwm"]), int(meta["dim"])
     logger.warning("%s: rebuilding base snapshot %d from the rows", directory, generation)
     index = trained_index(conn, meta, directory)
+    space = whitening.load(conn, meta)  # the base holds the vectors in the space it was built in
     ids, vecs = [], []
     cur = conn.execute("SELECT id, vector FROM items WHERE id <= ? ORDER BY id", (hwm,))
     while rows := cur.fetchmany(_CHUNK):
         ids.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
         vecs.append(np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim))
+        if space is not None:
+            vecs[-1] = space.apply(vecs[-1])
         index.add_with_ids(vecs[-1], ids[-1])
     all_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
     vectors = np.concatenate(vecs) if vecs and meta.get("rerank") else None
@@ -142,7 +146,7 @@ def load_index(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
         base = _rebuild_base(conn, meta, directory, write=write)
     if write:
         remove_stale(directory, keep=base.generation)
-    layered = LayeredIndex(base, dim)
+    layered = LayeredIndex(base, dim, whitening.load(conn, meta))
     for ids, vecs in rows_after(conn, base.hwm, dim):
         layered.add_with_ids(vecs, ids)
     gone = removed_since(conn, 0, max_id=base.hwm)

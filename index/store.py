@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from embed.spec import ModelSpec
-from index import compaction, identity, tuning
+from index import compaction, identity, tuning, whitening
 from index import vector_index as vi
 from index.budget import parse_bytes
 from index.dir_init import create_in_place
@@ -79,6 +79,7 @@ _META_DEFAULTS: dict[str, Any] = {
     "index_kind": "flat", "nlist": 0, "nprobe": 0, "k_factor": 0, "pq_m": 0, "opq": False, "rerank": False,
     "trained_on": 0, "training_size": 0, "memory_budget": 0, "recall_target": tuning.DEFAULT_RECALL_TARGET,
     "recall_estimate": {}, "base_generation": 0, "base_hwm": 0, "base_count": 0, "base_build": {},
+    "whiten": "off", "whitening_fitted_on": 0,  # an index from before whitening: off until configured
 }
 
 
@@ -125,9 +126,12 @@ class ImageIndex:
         cls, directory: str | os.PathLike[str], dim: int, *, model_name: str = "", model_version: int = 0,
         root: str | None = None, index_mode: str = "auto", flat_max: int = vi.FLAT_MAX_VECTORS,
         memory_budget: int | str | None = None, recall_target: float = tuning.DEFAULT_RECALL_TARGET,
+        whiten: str = "off",
     ) -> ImageIndex:
         """A new, empty index in `directory` (missing, or an existing empty directory such as a
-        volume mount): built in place, writing only inside it, crash-safe (index/dir_init.py)."""
+        volume mount): built in place, writing only inside it, crash-safe (index/dir_init.py).
+        `whiten` is off here, a plain vector index; `index build` and the server create theirs with
+        index/whitening.py's DEFAULT_MODE."""
         directory = Path(directory)
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
@@ -137,6 +141,7 @@ class ImageIndex:
             "model_name": model_name, "model_version": model_version, "root": root or "", "generation": 0,
             "index_mode": index_mode, "flat_max": flat_max, "created_at": time.time(),
             "memory_budget": parse_bytes(memory_budget), "recall_target": _check_target(recall_target),
+            "whiten": whitening.check_mode(whiten),
         })
         return cls.open(directory)
 
@@ -445,7 +450,7 @@ class ImageIndex:
             logger.warning("%s: compaction failed: %s: %s", self.directory, type(e).__name__, e)
 
     def configure(self, *, memory_budget: int | str | None = None, recall_target: float | None = None,
-                  index_mode: str | None = None) -> None:
+                  index_mode: str | None = None, whiten: str | None = None) -> None:
         """Record another memory budget, recall target or index mode; with the next commit, and
         used from the next compaction (`compact(retrain=True)` to apply it now)."""
         updates: dict[str, Any] = {}
@@ -456,6 +461,8 @@ class ImageIndex:
         if index_mode is not None:
             vi.plan_index(0, self.dim, index_mode)  # ValueError naming the valid modes
             updates["index_mode"] = index_mode
+        if whiten is not None:  # fitted, refitted or dropped by the next compaction (compaction.due)
+            updates["whiten"] = whitening.check_mode(whiten)
         updates = {k: v for k, v in updates.items() if self.meta.get(k) != v}
         if not updates:
             return
@@ -729,7 +736,10 @@ class ImageIndex:
                 rows = top_n(run, queries, n, ntotal)
             rows = [(s[offset:], i[offset:]) for s, i in rows]
             if min_score is not None:
-                rows = [(s[s >= min_score], i[s >= min_score]) for s, i in rows]
+                # whitened scores are cosines in the whitened space; `min_score` stays a raw cosine,
+                # the scale duplicate thresholds use too (index/README.md, "Whitening")
+                sims = [s for s, _ in rows] if self._index.whitening is None else self._raw_cosines(queries, rows)
+                rows = [(s[c >= min_score], i[c >= min_score]) for (s, i), c in zip(rows, sims, strict=True)]
             wanted = sorted({int(i) for _, irow in rows for i in irow})
             found: dict[int, ItemRecord] = {}
             for start in range(0, len(wanted), 500):
@@ -741,6 +751,20 @@ class ImageIndex:
             [Hit(int(i), float(s), found[int(i)]) for s, i in zip(srow, irow, strict=True) if int(i) in found]
             for srow, irow in rows
         ]
+
+    def _raw_cosines(self, queries: np.ndarray, rows: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """The plain cosine of each query with each of its hits' stored vectors (under the read lock)."""
+        wanted = sorted({int(i) for _, irow in rows for i in irow})
+        stored: dict[int, np.ndarray] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for i, blob in self._query(f"SELECT id, vector FROM items WHERE id IN ({marks})", tuple(chunk)):
+                v = np.frombuffer(blob, dtype="<f4")
+                stored[int(i)] = v / max(float(np.linalg.norm(v)), 1e-12)
+        q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        return [np.array([float(q[j] @ stored[int(i)]) if int(i) in stored else -np.inf for i in irow])
+                for j, (_, irow) in enumerate(rows)]
 
     def stats(self) -> dict[str, Any]:
         with self._rw.read():
@@ -782,6 +806,8 @@ class ImageIndex:
                      "build": meta.get("base_build") or {}},
             "delta_count": layered.delta_count, "removed_since_base": len(layered.removed),
             "compaction_due": compaction.due(meta, layered),
+            "whitening": {"mode": meta["whiten"], "fitted_on": int(meta["whitening_fitted_on"]),
+                          "active": layered.whitening is not None, "spec": meta.get("whitening_spec") or {}},
         }
 
 

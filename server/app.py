@@ -6,6 +6,7 @@ make to the index (`index build`, another server) are served without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,7 +48,7 @@ JSON_BODY_MODELS: tuple[type[BaseModel], ...] = (EmbedJSON, SearchJSON, ItemJSON
 
 def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI:
     """The app for `settings`. Pass `backend` to serve an already-open backend (not closed on exit)."""
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=settings.workers > 1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +57,10 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         res.committer.start()
         res.watcher.start()
         app.state.resources = res
+        refresher = None
+        if metrics.multiprocess:  # several workers: gauges written to the shared directory every second
+            metrics.forget_dead_workers()
+            refresher = asyncio.get_running_loop().create_task(metrics.refresh_forever())
         log.info(
             "serving model %s v%d (%s) with %d indexed items from %s",
             res.spec.name, res.spec.version, settings.backend_name, len(res.index), settings.index_dir,
@@ -63,6 +68,9 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.cancel()
+                metrics.forget_dead_workers(stopping=True)
             app.state.resources = None
             await res.batcher.stop()
             await res.committer.stop()

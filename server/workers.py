@@ -28,10 +28,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from fastapi import FastAPI
 
+from server.metrics import MULTIPROC_ENV
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,13 @@ def run_workers(settings: Settings, **uvicorn_options: Any) -> int:
     from server.state import prepare_index
 
     prepare_index(settings)  # created (or bound to the model) once, not by N processes at once
+    # the workers' metrics add up in one directory (server/metrics.py); set before they are spawned,
+    # since prometheus_client reads it when a worker imports it. A directory given by the operator
+    # is theirs to empty between runs (as prometheus_client asks); ours is new and removed after.
+    own_metrics_dir = None
+    if not os.environ.get(MULTIPROC_ENV):
+        own_metrics_dir = tempfile.mkdtemp(prefix="simsearch-metrics-")
+        os.environ[MULTIPROC_ENV] = own_metrics_dir
     config = uvicorn.Config(
         functools.partial(worker_app, settings),
         factory=True,
@@ -92,6 +102,8 @@ def run_workers(settings: Settings, **uvicorn_options: Any) -> int:
         supervisor.run()
     finally:
         sock.close()
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
     failed = [p.pid for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]
     if failed:
         log.error("worker(s) %s failed to start; see the log above", failed)

@@ -84,6 +84,15 @@ def _top(c: httpx.Client, path: Path) -> tuple[int | None, str]:
     return (hits[0]["id"] if hits else None), _worker(r)
 
 
+def _sample(metrics: str, name: str) -> float:
+    """One sample of a /metrics text, e.g. 'simsearch_index_items' (0 when absent)."""
+    for line in metrics.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    return 0.0
+
+
 def _until(what: str, predicate, timeout_s: float) -> float:  # noqa: ANN001
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
@@ -222,6 +231,15 @@ def test_mixed_adds_and_deletes_through_two_workers_leave_the_exact_item_set(tin
             with closing(_client_on(server.url, pid)) as c:
                 _until(f"worker {pid} serves {len(expected)} items",
                        lambda c=c: c.get("/readyz").json()["items"] == len(expected), LATENCY_S + 3)
+        for pid in workers:  # /metrics, whichever worker answers, adds up both workers' counts
+            with closing(_client_on(server.url, pid)) as c:
+                text = c.get("/metrics").text
+                _until("the index size gauge", lambda c=c: _sample(c.get("/metrics").text,
+                                                                   "simsearch_index_items") == len(expected), 5)
+            adds = _sample(text, 'simsearch_http_requests_total{method="POST",route="/v1/items",status="201"}')
+            deletes = _sample(text, 'simsearch_http_requests_total{method="DELETE",route="/v1/items/{item_id}",'
+                                    'status="200"}')
+            assert (adds, deletes) == (len(load.added), len(load.deleted)), pid
     finally:
         assert server.stop() == 0
     assert "Traceback" not in server.log_path.read_text()

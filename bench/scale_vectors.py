@@ -131,7 +131,8 @@ def ensure_vectors(scratch: Path, model: Path, n: int, n_queries: int = 10_000) 
                 log.info("round %d: %d vectors in %.0f s", r, len(vecs), time.perf_counter() - started)
             if not (out / "queries.npy").is_file():
                 pick = np.random.default_rng(QUERY_SEED).choice(len(images), n_queries, replace=False)
-                np.save(out / "queries.npy", embed_all(backend, augmented(images[pick], QUERY_SEED)))
+                np.save(out / ".queries.tmp.npy", embed_all(backend, augmented(images[pick], QUERY_SEED)))
+                (out / ".queries.tmp.npy").rename(out / "queries.npy")
         finally:
             backend.close()
     base = np.concatenate([np.load(out / f"round-{r:02d}.npy", mmap_mode="r") for r in range(rounds)])[:n]

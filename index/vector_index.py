@@ -36,7 +36,7 @@ IVF_KINDS = ("ivf", "ivfpq")
 # as the collection grows, so a client must not have to know which one it is talking to.
 SEARCH_PARAMS = ("k_factor", "nprobe", "rerank")
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this: k-means has too few points per centroid
-TRAIN_POINTS_PER_LIST = 64
+TRAIN_POINTS_PER_LIST = 40  # just above FAISS's warning (39): k-means cost grows with it, quality barely
 PQ_TRAIN_MAX = 65_536
 RETRAIN_GROWTH = 4
 KMEANS_ITERATIONS = 10

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     )
 
     index_dir: Path = Field(..., description="index directory (created when missing)")
+    index_memory_budget: str | None = Field(
+        None,
+        description="RAM the vector index may use once warm, e.g. 4GB (index/budget.py): given to an index the "
+        "server creates; an existing index keeps its own (set it with `index build --memory-budget`)",
+    )
     images_dir: Path | None = Field(
         None,
         description="where the indexed folder is on this machine: relative paths of folder-indexed items "

@@ -83,7 +83,7 @@ def open_index(settings: Settings, spec: ModelSpec) -> ImageIndex:
         index = ImageIndex.open(settings.index_dir)
     else:
         index = ImageIndex.create(settings.index_dir, spec.embedding_dim, model_name=spec.name,
-                                  model_version=spec.version)
+                                  model_version=spec.version, memory_budget=settings.index_memory_budget)
     try:
         index.bind_model(spec)  # IndexModelMismatch: the one-line error `simsearch serve` exits with
     except BaseException:

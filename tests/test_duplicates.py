@@ -288,3 +288,39 @@ def test_duplicates_page_shows_groups_and_deletes_all_but_one(index_copy: Path, 
                 assert c.get(f"/v1/items/{chosen}").status_code == 200
         finally:
             driver.quit()
+
+
+def test_large_collections_pair_through_ivf_and_cap_neighbours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above EXACT_MAX items the pairs come from an IVF-Flat index (exact scores, approximate
+    candidates): on seeded clusters of near copies it finds the same groups as the exact search.
+    A blob of identical vectors keeps MAX_NEIGHBOURS pairs per item and still makes one group."""
+    import index.duplicates as dup
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((400, 32)).astype(np.float32)
+    copies = base[:100] + 0.02 * rng.standard_normal((100, 32)).astype(np.float32)
+    blob = np.repeat(rng.standard_normal((1, 32)).astype(np.float32), 100, axis=0)
+    vecs = np.concatenate([base, copies, blob])
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    with ImageIndex.create(tmp_path / "ix", 32) as ix:
+        ix.add(vecs, [{"path": f"{i}.jpg", "sha256": f"{i:064x}", "width": 8, "height": 8} for i in range(len(vecs))])
+        ix.commit()
+    exact = find_duplicates(tmp_path / "ix", 0.97)
+    monkeypatch.setattr(dup, "EXACT_MAX", 100)
+    approx = find_duplicates(tmp_path / "ix", 0.97)
+    as_sets = lambda r: {frozenset(m.id for m in g.items) for g in r.groups}  # noqa: E731
+    assert as_sets(approx) == as_sets(exact)
+    blob_group = {frozenset(range(501, 601))}
+    assert blob_group <= as_sets(exact)  # ids 501..600: one group of 100, though each kept 64 pairs
+    pairs = dup.find_pairs(*_pair_inputs(tmp_path / "ix"), 0.97)
+    per_item = np.bincount(np.concatenate(pairs[:2]), minlength=600)
+    assert per_item[500:].max() <= 2 * dup.MAX_NEIGHBOURS  # each end keeps its best 64
+    assert {frozenset({i + 1, i + 401}) for i in range(100)} <= as_sets(exact)  # every copy with its original
+
+
+def _pair_inputs(directory: Path) -> tuple:
+    import sqlite3
+
+    conn = sqlite3.connect(directory / "index.sqlite")
+    ids = np.array([r[0] for r in conn.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
+    return conn, ids, 32

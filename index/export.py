@@ -35,15 +35,18 @@ import numpy as np
 
 from index.schema import DB_FILE
 
-CHUNK_ROWS = 16_384
+CHUNK_ROWS = 4096  # rows in memory at a time (about 10 MB with 512-d vectors), and per Parquet row group
 FORMATS = (".parquet", ".npy")
+
+
+RECORD_COLUMNS = ("id", "path", "sha256", "width", "height", "size", "mtime", "added_at", "metadata")
 
 
 @dataclass
 class Chunk:
     ids: np.ndarray
     vectors: np.ndarray
-    records: list[dict[str, Any]]
+    rows: list[tuple]  # RECORD_COLUMNS, then the vector blob; metadata is JSON text
 
 
 def npy_companions(out: Path) -> tuple[Path, Path]:
@@ -58,9 +61,7 @@ def _chunks(conn: sqlite3.Connection, dim: int) -> Iterator[Chunk]:
     while rows := cur.fetchmany(CHUNK_ROWS):
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         vectors = np.frombuffer(b"".join(r[9] for r in rows), dtype="<f4").reshape(len(rows), dim)
-        records = [{"id": r[0], "path": r[1], "sha256": r[2], "width": r[3], "height": r[4], "size": r[5],
-                    "mtime": r[6], "added_at": r[7], "metadata": r[8]} for r in rows]
-        yield Chunk(ids, vectors, records)
+        yield Chunk(ids, vectors, rows)
 
 
 class _Staged:
@@ -101,7 +102,7 @@ def _write_npy(out: Path, conn: sqlite3.Connection, count: int, dim: int, progre
         for chunk in _chunks(conn, dim):
             fv.write(np.ascontiguousarray(chunk.vectors, dtype="<f4").tobytes())
             fi.write(chunk.ids.astype("<i8").tobytes())
-            fj.write("".join(_json_line(r) for r in chunk.records).encode())
+            fj.write("".join(_json_line(r) for r in chunk.rows).encode())
             written += len(chunk.ids)
             progress(len(chunk.ids))
         if written != count:  # the read transaction makes this impossible; a torn file must not be renamed in
@@ -110,8 +111,10 @@ def _write_npy(out: Path, conn: sqlite3.Connection, count: int, dim: int, progre
     return [out, ids_path, jsonl_path]
 
 
-def _json_line(rec: dict[str, Any]) -> str:
-    return json.dumps({**rec, "metadata": json.loads(rec["metadata"])}, ensure_ascii=False) + "\n"
+def _json_line(row: tuple) -> str:
+    rec = dict(zip(RECORD_COLUMNS, row, strict=False))
+    rec["metadata"] = json.loads(rec["metadata"])
+    return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
 def parquet_schema(dim: int) -> Any:
@@ -137,8 +140,7 @@ def _write_parquet(out: Path, conn: sqlite3.Connection, dim: int, progress: Call
         f = staged.open(out)
         writer = pq.ParquetWriter(f, schema, compression="zstd")
         for chunk in _chunks(conn, dim):
-            cols = {k: [r[k] for r in chunk.records] for k in ("path", "sha256", "width", "height", "size",
-                                                               "mtime", "added_at", "metadata")}
+            cols = {k: [r[n] for r in chunk.rows] for n, k in enumerate(RECORD_COLUMNS) if k != "id"}
             flat = pa.array(np.ascontiguousarray(chunk.vectors, dtype=np.float32).ravel(), type=pa.float32())
             table = pa.table({"id": pa.array(chunk.ids), **cols,
                               "vector": pa.FixedSizeListArray.from_arrays(flat, dim)}, schema=schema)

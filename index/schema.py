@@ -15,6 +15,17 @@ FORMAT_VERSION = 2
 # version-1 directory opens as a base-less version 2 one (every row in the delta) and becomes
 # version 2 at its first compaction; software that knows only version 1 then refuses it.
 READABLE_VERSIONS = (1, 2)
+DEFAULT_RECALL_TARGET = 0.95  # recall@10 the search parameters are tuned for (index/tuning.py)
+# Keys an index of format 1 lacks (docs/design.md, "The index directory"): a base-less index
+# (every row in the delta) with the default budget and recall target.
+META_DEFAULTS: dict[str, Any] = {
+    "index_kind": "flat", "nlist": 0, "nprobe": 0, "k_factor": 0, "pq_m": 0, "opq": False, "rerank": False,
+    "trained_on": 0, "training_size": 0, "memory_budget": 0, "recall_target": DEFAULT_RECALL_TARGET,
+    "recall_estimate": {}, "base_generation": 0, "base_hwm": 0, "base_count": 0, "base_build": {},
+    "whiten": "off", "whitening_fitted_on": 0,  # an index from before whitening: off until configured
+}
+
+
 # images added through the server are stored here, content-addressed; their items have absolute paths
 UPLOADS_DIR = "uploads"
 

@@ -35,8 +35,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +46,21 @@ from index import compaction, identity, tuning, whitening
 from index import vector_index as vi
 from index.budget import parse_bytes
 from index.dir_init import create_in_place
-from index.faiss_file import base_paths, file_bytes, remove_stale
-from index.generation import Snapshot, load_index, read_changes, read_committed, same_base
+from index.following import FollowingCommits
+from index.generation import Snapshot, load_index, read_changes, same_base
 from index.identity import IndexModelMismatch, ModelIdentity
+from index.index_stats import vector_index_stats
 from index.ranked import filtered_nprobe, top_n
 from index.records import COLUMNS, Hit, IndexedFile, ItemRecord, record_from_row, record_values
+from index.reembed_tx import Dropped, ReembedTransactions, Staged, history_entry
 from index.rwlock import RWLock
 from index.schema import (
     DB_FILE,
     FORMAT,
     FORMAT_VERSION,
+    META_DEFAULTS,
     READABLE_VERSIONS,
     IndexDirError,
-    ensure_reembed_table,
     log_removed,
     read_meta,
     write_meta,
@@ -71,17 +72,7 @@ logger = logging.getLogger(__name__)
 WRITE_LOCK_TIMEOUT_S = 60.0  # longest wait for another process's write transaction
 _LOCK_POLL_S = 0.05
 
-__all__ = ["Hit", "ImageIndex", "IndexDirError", "IndexModelMismatch", "ItemRecord", "Snapshot"]
-
-# Keys an index of format 1 lacks (docs/design.md, "The index directory"): a base-less index
-# (every row in the delta) with the default budget and recall target.
-_META_DEFAULTS: dict[str, Any] = {
-    "index_kind": "flat", "nlist": 0, "nprobe": 0, "k_factor": 0, "pq_m": 0, "opq": False, "rerank": False,
-    "trained_on": 0, "training_size": 0, "memory_budget": 0, "recall_target": tuning.DEFAULT_RECALL_TARGET,
-    "recall_estimate": {}, "base_generation": 0, "base_hwm": 0, "base_count": 0, "base_build": {},
-    "whiten": "off", "whitening_fitted_on": 0,  # an index from before whitening: off until configured
-}
-
+__all__ = ["Dropped", "Hit", "ImageIndex", "IndexDirError", "IndexModelMismatch", "ItemRecord", "Snapshot", "Staged"]
 
 def _check_target(target: float) -> float:
     if not 0.0 < float(target) <= 1.0:
@@ -89,12 +80,9 @@ def _check_target(target: float) -> float:
     return float(target)
 
 
-# what the item a re-embedding could not embed again becomes: dropped, with this record in the summary
-Dropped = dict[str, Any]  # {"id", "path", "reason", "message"}
-Staged = tuple[int, "np.ndarray | None", "Dropped | None"]
 
 
-class ImageIndex:
+class ImageIndex(FollowingCommits, ReembedTransactions):
     """Vectors + records; see the module docstring for the files and the crash-safety argument."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection) -> None:
@@ -114,7 +102,7 @@ class ImageIndex:
             if self.meta.get("format") != FORMAT or int(self.meta.get("format_version", -1)) not in READABLE_VERSIONS:
                 raise IndexDirError(f"{directory} is not a {FORMAT} index directory of a version this software "
                                     f"reads {list(READABLE_VERSIONS)}")
-            self.meta = {**_META_DEFAULTS, **self.meta}
+            self.meta = {**META_DEFAULTS, **self.meta}
             self.dim = int(self.meta["dim"])
             self._index = load_index(directory, conn, self.meta, write=True)
         finally:
@@ -137,7 +125,7 @@ class ImageIndex:
             raise ValueError(f"dim must be positive, got {dim}")
         vi.plan_index(0, dim, index_mode)  # ValueError naming the valid modes
         create_in_place(directory, {
-            **_META_DEFAULTS, "format": FORMAT, "format_version": FORMAT_VERSION, "dim": dim,
+            **META_DEFAULTS, "format": FORMAT, "format_version": FORMAT_VERSION, "dim": dim,
             "model_name": model_name, "model_version": model_version, "root": root or "", "generation": 0,
             "index_mode": index_mode, "flat_max": flat_max, "created_at": time.time(),
             "memory_budget": parse_bytes(memory_budget), "recall_target": _check_target(recall_target),
@@ -204,7 +192,7 @@ class ImageIndex:
                 self._begin()  # re-checks against the latest commit
                 if not self.meta.get("model_fingerprint"):
                     updates = {"model_fingerprint": given.fingerprint, "vector_generation": 1,
-                               "model_history": [_history_entry(given, 1, self.generation, adopted=adopted)]}
+                               "model_history": [history_entry(given, 1, self.generation, adopted=adopted)]}
                     write_meta(self._conn, updates)
                     self.meta.update(updates)
             self.commit()
@@ -215,55 +203,6 @@ class ImageIndex:
     def _check_model(self, meta: Mapping[str, Any]) -> None:
         if self._model is not None:
             identity.check(meta, self._model, directory=self.directory)
-
-    # -- following other processes' commits --------------------------------------------------
-    def peek_meta(self) -> dict[str, Any]:
-        """The metadata as committed on disk now (cheap: one small query)."""
-        with self._db:
-            return read_meta(self._conn)
-
-    def load_committed(self) -> Snapshot:
-        """The latest commit's metadata and FAISS index, loaded with no lock held (slow part of refresh)."""
-        return read_committed(self.directory)
-
-    def swap_in(self, snapshot: Snapshot, *, model: ModelSpec | ModelIdentity | None = None) -> bool:
-        """Serve `snapshot` from now on (a short write lock); `model` rebinds the handle to the
-        model that wrote it. False (nothing changed) when this handle is at that commit or later,
-        or has uncommitted writes of its own."""
-        given = model if model is None or isinstance(model, ModelIdentity) else ModelIdentity.of_spec(model)
-        if (target := given or self._model) is not None:
-            identity.check(snapshot.meta, target, directory=self.directory)
-        with self._rw.write():
-            if self._closed or self._in_tx or snapshot.generation <= self.generation:
-                return False
-            if snapshot.index is None:  # the changes since a generation: only onto that generation
-                if snapshot.since != self.generation or not same_base(snapshot.meta, self.meta):
-                    return False
-                snapshot.apply_to(self._index)
-            else:
-                self._index = snapshot.index
-            self.meta, self.dim = {**_META_DEFAULTS, **snapshot.meta}, int(snapshot.meta["dim"])
-            if given is not None:
-                self._model = given
-        logger.debug("%s: now serving commit %d (%d vectors)", self.directory, snapshot.generation, len(self))
-        return True
-
-    def refresh(self) -> bool:
-        """Pick up commits made by another process (e.g. `index build` while a server runs).
-
-        Raises IndexModelMismatch, keeping what it has, when the new commit belongs to another
-        model than the bound one (the caller decides: load that model, or report it).
-        """
-        if self._closed:
-            return False
-        meta = self.peek_meta()
-        if int(meta["generation"]) == self.generation:
-            return False
-        self._check_model(meta)
-        with self._rw.read():
-            since = (dict(self.meta), self._index.last_id)
-        # the changes since our commit when the base is the same (rows added, ids removed), else all
-        return self.swap_in(read_committed(self.directory, since=since))
 
     # -- writing -----------------------------------------------------------------------------
     def _acquire_tx(self) -> None:
@@ -311,7 +250,7 @@ class ImageIndex:
         generation = json.loads(self._conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
         if generation == self.meta["generation"]:
             return False
-        meta = {**_META_DEFAULTS, **read_meta(self._conn)}
+        meta = {**META_DEFAULTS, **read_meta(self._conn)}
         self._check_model(meta)
         logger.debug("%s changed on disk (commit %s -> %s)", self.directory, self.meta["generation"], generation)
         if same_base(meta, self.meta):
@@ -409,45 +348,9 @@ class ImageIndex:
                 return
             self._conn.execute("ROLLBACK")
             self._in_tx = self._fresh_tx = False
-            self.meta = {**_META_DEFAULTS, **read_meta(self._conn)}
+            self.meta = {**META_DEFAULTS, **read_meta(self._conn)}
             self.dim = int(self.meta["dim"])
             self._index = load_index(self.directory, self._conn, self.meta, write=True)
-
-    # -- compaction: a new base snapshot (index/compaction.py) -------------------------------
-    def compact(self, *, retrain: bool = False) -> dict[str, Any] | None:
-        """Fold every committed change into a new base snapshot now and serve it; `retrain` trains
-        the index again (kind, lists, codebooks) and tunes its search parameters by measured recall.
-        Commits pending changes first. Returns the published metadata updates, or None when the
-        snapshot went stale (e.g. another process switched the model meanwhile)."""
-        self._commit()
-        self.wait_compaction()
-        updates = compaction.compact(self.directory, retrain=retrain)
-        self.refresh()
-        return updates
-
-    def wait_compaction(self, timeout: float | None = None) -> None:
-        """Wait for this handle's background compaction, if one runs."""
-        thread = self._compactor
-        if thread is not None:
-            thread.join(timeout)
-
-    def _start_compaction(self, reason: str) -> None:
-        with self._compact_lock:
-            if self._closed or (self._compactor is not None and self._compactor.is_alive()):
-                return
-            self._compactor = threading.Thread(target=self._compact_in_background, args=(reason,),
-                                               name="simsearch-index-compaction", daemon=True)
-            self._compactor.start()
-
-    def _compact_in_background(self, reason: str) -> None:
-        logger.info("%s: compacting (%s)", self.directory, reason)
-        try:
-            if compaction.compact(self.directory, wait=False, should_stop=lambda: self._closed) is not None:
-                self.refresh()
-        except compaction.Cancelled:
-            logger.info("%s: compaction cancelled (the index closed)", self.directory)
-        except Exception as e:  # the delta keeps serving; the next commit tries again
-            logger.warning("%s: compaction failed: %s: %s", self.directory, type(e).__name__, e)
 
     def configure(self, *, memory_budget: int | str | None = None, recall_target: float | None = None,
                   index_mode: str | None = None, whiten: str | None = None) -> None:
@@ -490,139 +393,6 @@ class ImageIndex:
                 raise IndexDirError(f"{self.directory} indexes the folder {current}, not {root}")
             write_meta(self._conn, {"root": root})
             self.meta["root"] = root
-
-    # -- re-embedding into a new vector generation (driven by index/reembed.py) ---------------
-    @contextmanager
-    def _side_tx(self, target: ModelIdentity) -> Iterator[sqlite3.Connection]:
-        """A transaction on the side table only: no generation, readers see nothing of it."""
-        with self._db:
-            if self._closed or self._in_tx:
-                raise IndexDirError(f"{self.directory}: finish (commit) the pending changes before re-embedding")
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                ensure_reembed_table(self._conn)
-                current = read_meta(self._conn).get("reembed") or {}
-                if current and current.get("target") != target.as_meta():
-                    raise IndexDirError(f"{self.directory}: another re-embedding (into "
-                                        f"{ModelIdentity.of_index(current['target']).describe()}) started meanwhile")
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def begin_reembed(self, spec: ModelSpec) -> int:
-        """Start re-embedding every item with `spec`'s model, or resume the one already started for
-        it; returns how many items have their new vector already. Another model's unfinished
-        re-embedding is discarded."""
-        target = ModelIdentity.of_spec(spec)
-        with self._db:
-            current = read_meta(self._conn).get("reembed") or {}
-        if current and current.get("target") != target.as_meta():
-            logger.warning("%s: discarding an unfinished re-embedding into %s", self.directory,
-                           ModelIdentity.of_index(current["target"]).describe())
-            with self._db:
-                self._conn.execute("BEGIN IMMEDIATE")
-                ensure_reembed_table(self._conn)
-                self._conn.execute("DELETE FROM reembed_vectors")
-                write_meta(self._conn, {"reembed": {}})
-                self._conn.execute("COMMIT")
-        with self._side_tx(target) as conn:
-            if not (read_meta(conn).get("reembed") or {}):
-                conn.execute("DELETE FROM reembed_vectors")
-                state = {"target": target.as_meta(), "started_at": time.time()}
-                write_meta(conn, {"reembed": state})
-                self.meta["reembed"] = state
-            return int(conn.execute("SELECT COUNT(*) FROM reembed_vectors r JOIN items i ON i.id = r.id")
-                       .fetchone()[0])
-
-    def reembed_pending(self) -> list[IndexedFile]:
-        """Items that have no vector of the new model yet (items added meanwhile included)."""
-        with self._rw.read():
-            rows = self._query("SELECT i.id, i.path, i.size, i.mtime, i.sha256 FROM items i "
-                               "LEFT JOIN reembed_vectors r ON r.id = i.id WHERE r.id IS NULL ORDER BY i.id")
-        return [IndexedFile(*r) for r in rows]
-
-    def stage_reembed(self, spec: ModelSpec, staged: Iterable[Staged]) -> int:
-        """Store new vectors (or the reason an item is dropped) in one committed batch."""
-        target = ModelIdentity.of_spec(spec)
-        with self._side_tx(target) as conn:
-            return self._stage(conn, target, staged)
-
-    def _stage(self, conn: sqlite3.Connection, target: ModelIdentity, staged: Iterable[Staged]) -> int:
-        n = 0
-        for item_id, vector, dropped in staged:
-            if vector is not None:
-                vector = np.asarray(vector, dtype="<f4")
-                if vector.shape != (target.dim,):
-                    raise ValueError(f"expected a vector of {target.dim} values, got {list(vector.shape)}")
-            conn.execute("INSERT OR REPLACE INTO reembed_vectors (id, vector, error) VALUES (?, ?, ?)",
-                         (int(item_id), None if vector is None else vector.tobytes(),
-                          None if vector is not None else json.dumps(dropped or {})))
-            n += 1
-        return n
-
-    def switch_reembed(self, spec: ModelSpec, embed_missing: Callable[[list[IndexedFile]], list[Staged]]) -> dict[str, Any]:
-        """The atomic switch: one transaction swaps every vector, the model identity and the vector
-        generation. Items still without a new vector (added meanwhile, e.g. by a server) are embedded
-        here, under the write lock, by `embed_missing`; items that could not be embedded are dropped.
-        Returns {"reembedded", "dropped": [...], "vector_generation"}; this handle is then bound to `spec`'s model.
-        """
-        target = ModelIdentity.of_spec(spec)
-        if self._in_tx:
-            raise IndexDirError(f"{self.directory}: commit the pending changes before the switch")
-        bound, began, ok = self._model, False, False
-        try:
-            with self._rw.write(), self._db:
-                self._model = None  # the index changes hands here: no check against the old model
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._in_tx = began = True
-                self._catch_up()
-                ensure_reembed_table(self._conn)
-                state = self.meta.get("reembed") or {}
-                if state.get("target") != target.as_meta():
-                    raise IndexDirError(f"{self.directory}: no re-embedding into {target.describe()} in progress")
-                missing = [IndexedFile(*r) for r in self._conn.execute(
-                    "SELECT i.id, i.path, i.size, i.mtime, i.sha256 FROM items i "
-                    "LEFT JOIN reembed_vectors r ON r.id = i.id WHERE r.id IS NULL ORDER BY i.id")]
-                if missing:
-                    logger.info("embedding %d items added during the re-embedding", len(missing))
-                    self._stage(self._conn, target, embed_missing(missing))
-                dropped = [{"id": i, **json.loads(e)} for i, e in self._conn.execute(
-                    "SELECT r.id, r.error FROM reembed_vectors r JOIN items i ON i.id = r.id "
-                    "WHERE r.vector IS NULL ORDER BY r.id")]
-                self._conn.execute("DELETE FROM items WHERE id IN (SELECT id FROM reembed_vectors WHERE vector IS NULL)")
-                reembedded = self._conn.execute(
-                    "UPDATE items SET vector = (SELECT r.vector FROM reembed_vectors r WHERE r.id = items.id)").rowcount
-                self._conn.execute("DELETE FROM reembed_vectors")
-                vector_generation = int(self.meta.get("vector_generation") or 1) + 1
-                history = list(self.meta.get("model_history") or [])
-                history.append(_history_entry(target, vector_generation, self.generation + 1))
-                updates: dict[str, Any] = {**target.as_meta(), "vector_generation": vector_generation,
-                                           "model_history": history, "reembed": {}}
-                write_meta(self._conn, updates)
-                self.meta.update(updates)
-                self.dim = target.dim
-                # every vector changed: the base of the commit below, trained on the new vectors
-                # (the old training fits the old model), built in this transaction
-                generation = self.generation + 1
-                base_updates, blob = compaction.build_base(self.directory, self._conn, self.meta, generation,
-                                                           retrain=True)
-                compaction.record_base(self._conn, generation, base_updates, blob)
-                self.meta.update(base_updates)
-                self._index = load_index(self.directory, self._conn, self.meta, write=False)
-                self._model = target
-            self.commit()
-            ok = True
-            remove_stale(self.directory, keep=generation)
-        finally:
-            if not ok:
-                self._model = bound
-                if began:
-                    self.rollback()
-        logger.info("%s: switched to %s (vector generation %d): %d re-embedded, %d dropped", self.directory,
-                    target.describe(), vector_generation, reembedded, len(dropped))
-        return {"reembedded": reembedded, "dropped": dropped, "vector_generation": vector_generation}
 
     def info(self) -> dict[str, Any]:
         with self._rw.read():
@@ -782,49 +552,5 @@ class ImageIndex:
                 "root": self.meta["root"], "created_at": float(self.meta["created_at"]),
                 "uncommitted": self._in_tx, "bytes_on_disk": sum(p.stat().st_size for p in files),
                 "info": {k[5:]: v for k, v in self.meta.items() if k.startswith("info.")},
-                **self._index_stats(),
+                **vector_index_stats(self.directory, self.meta, self._index, self.dim),
             }
-
-    def _index_stats(self) -> dict[str, Any]:
-        """Type, shape, training, recall estimate, memory and layers of the vector index (under the read lock)."""
-        meta, layered = self.meta, self._index
-        plan = vi.Plan.of_meta(meta)
-        estimate = {k: v for k, v in (meta.get("recall_estimate") or {}).items() if k != "table"}
-        base = layered.base
-        return {
-            "pq_m": plan.pq_m, "opq": plan.opq, "rerank": plan.rerank, "k_factor": int(meta["k_factor"]),
-            "trained_on": int(meta["trained_on"]), "training_size": int(meta["training_size"]),
-            "recall_target": float(meta["recall_target"]), "recall_estimate": estimate,
-            "memory": {
-                "budget_bytes": compaction.memory_budget(meta), "budget_recorded": int(meta["memory_budget"]),
-                "index_ram_bytes": vi.ram_bytes(plan, layered.ntotal, self.dim),
-                "delta_ram_bytes": layered.ram_bytes(), "base_file_bytes": file_bytes(base_paths(self.directory,
-                                                                                                 base.generation)),
-                "process_rss_bytes": process_rss(),
-            },
-            "base": {"generation": base.generation, "count": len(base), "hwm": base.hwm,
-                     "build": meta.get("base_build") or {}},
-            "delta_count": layered.delta_count, "removed_since_base": len(layered.removed),
-            "compaction_due": compaction.due(meta, layered),
-            "whitening": {"mode": meta["whiten"], "fitted_on": int(meta["whitening_fitted_on"]),
-                          "active": layered.whitening is not None, "spec": meta.get("whitening_spec") or {}},
-        }
-
-
-def process_rss() -> int:
-    """This process's resident memory in bytes (Linux), 0 where unknown."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _history_entry(model: ModelIdentity, vector_generation: int, commit: int, *, adopted: bool = False) -> dict[str, Any]:
-    entry = {"vector_generation": vector_generation, **model.as_meta(), "since_commit": commit, "at": time.time()}
-    if adopted:
-        entry["adopted"] = True  # recorded on first open by a model with a fingerprint, not proven
-    return entry

@@ -21,13 +21,14 @@ import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from index import schema
 from index import vector_index as vi
 from index.layered import BaseSnapshot, LayeredIndex
 
 logger = logging.getLogger(__name__)
 
 RECALL_K = 10
-DEFAULT_RECALL_TARGET = 0.95
+DEFAULT_RECALL_TARGET = schema.DEFAULT_RECALL_TARGET
 TUNING_QUERIES = 1000
 TUNING_MIN_QUERIES = 300
 K_FACTORS = (2, 4, 8, 16)

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recall-target", type=float, default=None,
                    help="recall@10 the search parameters are tuned for (default: the index's own, 0.95)")
     b.add_argument("--whiten", choices=WHITEN_MODES, default=None,
-                   help="PCA whitening fitted on the indexed vectors: auto (from 1,000 items), on, off; "
+                   help="PCA whitening fitted on the indexed vectors: auto (from 4 x dim items), on, off; "
                    "default: the index's own setting (a new index: auto). Scores are then cosines in the "
                    "whitened space (index/README.md)")
     b.add_argument("--retrain", action="store_true",

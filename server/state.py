@@ -21,7 +21,7 @@ from embed.backends import open_backend
 from embed.backends.base import Backend
 from embed.embedder import Embedder
 from embed.spec import ModelSpec, model_dir_fingerprint
-from index import identity
+from index import identity, whitening
 from index.identity import IndexModelMismatch
 from index.schema import DB_FILE, UPLOADS_DIR, read_meta
 from index.store import ImageIndex
@@ -83,7 +83,8 @@ def open_index(settings: Settings, spec: ModelSpec) -> ImageIndex:
         index = ImageIndex.open(settings.index_dir)
     else:
         index = ImageIndex.create(settings.index_dir, spec.embedding_dim, model_name=spec.name,
-                                  model_version=spec.version, memory_budget=settings.index_memory_budget)
+                                  model_version=spec.version, memory_budget=settings.index_memory_budget,
+                                  whiten=whitening.DEFAULT_MODE)  # as `index build` creates one
     try:
         index.bind_model(spec)  # IndexModelMismatch: the one-line error `simsearch serve` exits with
     except BaseException:

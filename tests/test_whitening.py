@@ -71,8 +71,8 @@ def test_errors_name_the_limits() -> None:
 def test_when_an_index_whitens_and_refits() -> None:
     assert not whitening.wanted("off", 10**6, DIM)
     assert whitening.wanted("on", 2 * DIM, DIM) and not whitening.wanted("on", 2 * DIM - 1, DIM)
-    assert not whitening.wanted("auto", whitening.AUTO_MIN_ITEMS - 1, DIM)
-    assert whitening.wanted("auto", whitening.AUTO_MIN_ITEMS, DIM)
+    assert not whitening.wanted("auto", 4 * DIM - 1, DIM) and whitening.wanted("auto", 4 * DIM, DIM)
+    assert whitening.auto_min_items(256) == 1024
     meta = {"whiten": "on", "dim": DIM, "whitening_fitted_on": 1000}
     assert whitening.refit_reason(meta, 1999) is None and whitening.refit_reason(meta, 501) is None
     assert "now 2000" in whitening.refit_reason(meta, 2000) and "now 500" in whitening.refit_reason(meta, 500)
@@ -136,7 +136,7 @@ def test_index_with_whitening_answers_like_numpy_and_the_same_after_reopening(tm
 
 
 def test_auto_leaves_small_collections_alone_and_refits_as_they_grow(tmp_path: Path) -> None:
-    small = _anisotropic(whitening.AUTO_MIN_ITEMS - 1, seed=4)
+    small = _anisotropic(whitening.auto_min_items(DIM) - 1, seed=4)
     queries = _anisotropic(5, seed=5)
     with ImageIndex.create(tmp_path / "idx", DIM, whiten=whitening.DEFAULT_MODE) as index:
         assert index.stats()["whitening"]["mode"] == "auto"
@@ -146,13 +146,13 @@ def test_auto_leaves_small_collections_alone_and_refits_as_they_grow(tmp_path: P
         scores, got = _search(index, queries, 5)
         want = ids[np.argsort(-(queries @ small.T), axis=1, kind="stable")[:, :5]]
         np.testing.assert_array_equal(got, want)  # plain cosine
-        more = _anisotropic(whitening.AUTO_MIN_ITEMS + 1, seed=6)
+        more = _anisotropic(whitening.auto_min_items(DIM) + 1, seed=6)
         index.add(more, [{"path": f"m{i}.jpg"} for i in range(len(more))])
         index.commit()
         assert index.stats()["compaction_due"] == "whitening on"
         index.compact()
         first = index.stats()["whitening"]
-        assert first["active"] and first["fitted_on"] == 2 * whitening.AUTO_MIN_ITEMS
+        assert first["active"] and first["fitted_on"] == 2 * whitening.auto_min_items(DIM)
         index.configure(whiten="off")
         index.commit()
         index.compact()

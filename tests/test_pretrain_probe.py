@@ -69,4 +69,4 @@ def test_fit_reaches_the_optimum_and_stronger_l2_shrinks_the_weights(pixels):
 
 
 def test_default_grid_runs_from_strong_to_almost_no_regularisation():
-    assert L2_GRID[0] == pytest.approx(0.1) and L2_GRID[-1] == pytest.approx(1e-6) and len(L2_GRID) == 11
+    assert L2_GRID[0] == pytest.approx(0.1) and L2_GRID[-1] == pytest.approx(1e-6) and len(L2_GRID) == 6

@@ -64,7 +64,8 @@ class SearchJSON(BaseModel):
     id: int | None = Field(None, ge=0, le=2**63 - 1, description="search with the vector of this indexed item")
     k: int = Field(10, ge=1)
     offset: int = Field(0, ge=0, description="skip the best `offset` results: the next page is offset + k")
-    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="leave out neighbours under this cosine")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="leave out neighbours under this cosine "
+                                    "(the raw cosine, also when the index whitens)")
     filter: SearchFilter | None = None
     exclude: bool = Field(False, description="with `id`: leave the item itself out of its neighbours")
 
@@ -91,7 +92,8 @@ class Item(BaseModel):
 
 class Neighbour(BaseModel):
     id: int
-    score: float = Field(description="inner product of l2-normalised vectors (cosine similarity)")
+    score: float = Field(description="inner product of l2-normalised vectors (cosine similarity); in the "
+                         "whitened space when the index whitens (index/README.md, Whitening)")
     path: str
     metadata: dict[str, Any] = Field(default_factory=dict)
     thumbnail_url: str

@@ -8,6 +8,7 @@ parameters; a resumed run's checkpoint overrides them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +22,13 @@ from pretrain.augment import SimCLRAugment
 from pretrain.checkpoint import restore_run
 from pretrain.config import PretrainConfig
 from pretrain.distributed import DistInfo
+from pretrain.init import load_init
 from pretrain.lars import LARS, param_groups
 from pretrain.loss import NTXentLoss
 from pretrain.models import SimCLRModel, build_model
 from pretrain.schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
 
 ADAPTIVE_TOTAL_STEPS = 10**9  # until the first log point lays the cosine out over the time budget
 
@@ -116,6 +120,8 @@ def build_run(cfg: PretrainConfig, dist: DistInfo, n_images: int, *, resume: dic
     total_steps = ADAPTIVE_TOTAL_STEPS if layout.adaptive else max(1, round(t.epochs * layout.steps_per_epoch))
     warmup_steps = round(cfg.optim.warmup_epochs * layout.steps_per_epoch)
     raw = build_model_on(cfg, device)
+    if t.init and resume is None:  # a head start: the encoder from a file; the head stays new, the step 0
+        logger.info("--init %s", load_init(raw.encoder, t.init, cfg.model).summary())
     optimizer = build_optimizer(cfg, raw)
     run = Run(
         cfg, dist, layout, raw, raw, optimizer,

@@ -114,6 +114,7 @@ class TrainConfig:
     knn_temperature: float = 0.07
     val_train: str = ""  # labelled folder for the kNN monitor's memory bank
     val_test: str = ""  # labelled folder for the kNN monitor's queries
+    init: str = ""  # initial encoder weights: a torchvision ResNet state dict or a simsearch checkpoint (new head, step 0)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -38,6 +38,7 @@ from pretrain.checkpoint import load_checkpoint, run_state, save_checkpoint
 from pretrain.config import PretrainConfig, add_config_flags, overrides_from_args
 from pretrain.data import ImageFolderData, StreamingImageFolder, load_folder
 from pretrain.features import extract_features
+from pretrain.init import InitError, check_init
 from pretrain.knn import knn_accuracy
 from pretrain.runlog import RunLog, StepStats
 from pretrain.schedule import schedule_of
@@ -178,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig.load(args.config) if args.config else PretrainConfig()
         cfg = cfg.updated(overrides)
     cfg.data.folder = str(Path(args.folder).resolve())  # export verifies on this folder's images
+    if cfg.train.init and not args.resume:  # before decoding the folder: a wrong file fails at once
+        try:
+            check_init(cfg.train.init, cfg.model)
+        except InitError as e:
+            print(f"simsearch pretrain: {e}", file=sys.stderr)
+            return 2
     if cfg.data.in_memory:
         data = load_folder(args.folder, cfg.data.image_size, workers=cfg.data.workers, max_images=cfg.data.max_images,
                            progress=not args.no_progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,44 @@ def test_simsearch_checkpoint_of_another_encoder_says_which(tmp_path):
     message = str(info.value)
     assert "\n" not in message and "simsearch checkpoint" in message
     assert "'arch': 'smallcnn2'" in message and "'arch': 'smallcnn'" in message
+
+
+def test_cli_init_from_a_checkpoint_starts_a_new_run_with_its_encoder(tmp_path):
+    from pretrain import train
+    from pretrain.build import build_run
+    from pretrain.checkpoint import load_checkpoint
+    from pretrain.config import PretrainConfig
+    from pretrain.distributed import DistInfo
+
+    sample = Path(__file__).parent / "data" / "cifar10-sample" / "train"
+    tiny = ["--arch", "smallcnn2", "--width", "0.25", "--image-size", "16", "--precision", "fp32", "--no-progress",
+            "--workers", "1", "--max-images", "64", "--batch-size", "16", "--warmup-epochs", "0.5", "--seed", "4"]
+    assert train.main([str(sample), "--out", str(tmp_path / "a"), *tiny, "--epochs", "1"]) == 0
+    source = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert source["step"] == 4
+
+    # the run as build_run makes it, before any step: encoder from the file, a new head, step 0
+    cfg = PretrainConfig.from_dict(source["config"]).updated({"train": {"init": str(tmp_path / "a" / "last.pt"), "seed": 9}})
+    run = build_run(cfg, DistInfo(), 64)
+    assert run.step == 0 and run.scheduler.last_epoch == 0 and not run.optimizer.state
+    for key, value in run.raw.encoder.state_dict().items():
+        assert torch.equal(value, source["encoder"][key]), key
+    assert not torch.equal(run.raw.head.state_dict()["net.0.weight"], source["head"]["net.0.weight"])
+
+    # the command: a new run directory, counted from step 0, its config naming the file
+    assert train.main([str(sample), "--out", str(tmp_path / "b"), *tiny, "--epochs", "0.25",
+                       "--init", str(tmp_path / "a" / "last.pt")]) == 0
+    b = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert b["step"] == 1 and b["config"]["train"]["init"] == str(tmp_path / "a" / "last.pt")
+
+
+def test_cli_init_with_a_wrong_file_exits_with_one_line(tmp_path, capsys):
+    from pretrain import train
+
+    bad = tmp_path / "resnet50.pth"
+    torch.save(resnet50().state_dict(), bad)
+    sample = Path(__file__).parent / "data" / "cifar10-sample" / "train"
+    rc = train.main([str(sample), "--out", str(tmp_path / "run"), "--arch", "resnet18", "--no-progress", "--init", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"simsearch pretrain: --init {bad}") and "unexpected" in err[0]
+    assert not (tmp_path / "run" / "last.pt").exists()

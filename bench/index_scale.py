@@ -1,4 +1,4 @@
-"""Benchmark the vector index at a million real embeddings: flat, IVF-Flat and IVF-PQ.
+"""Benchmark the vector index at a million real embeddings: flat, IVF-Flat, IVF-SQ8 and IVF-PQ.
 
     python bench/index_scale.py --scratch /tmp/simsearch-scale              # everything, cached
     python bench/index_scale.py --scratch /tmp/simsearch-scale --stage measure   # re-time only
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-KINDS = ("flat", "ivf", "ivfpq")
+KINDS = ("flat", "ivf", "ivfsq", "ivfpq")
 SINGLE_BUDGET_S = 20.0  # one-query-per-call timing stops after this long (flat at 1M: ~50 ms a query)
 
 

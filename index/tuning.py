@@ -4,9 +4,9 @@ A seeded sample of `TUNING_QUERIES` (1,000) stored vectors is searched against e
 them (faiss.contrib's blockwise ground truth, so the vectors never need to sit in memory whole).
 Each query's own item is left out of both lists: it would be a free hit, and a user's query is
 rarely an indexed vector itself. recall@10 = the share of the exact ten found by the approximate
-ten. For each re-ranking factor (`K_FACTORS`; one setting for kinds that do not re-rank) the
-smallest nprobe of `NPROBE_STEPS` that reaches the target is searched for; of these settings the
-one with the fastest measured batch (best of three runs) wins. When none does, the best recall wins, and the estimate
+ten. For each re-ranking factor (vector_index.K_FACTORS of the kind; one setting for kinds that
+do not re-rank) the smallest nprobe of `NPROBE_STEPS` that reaches the target is searched for; of
+these settings the one with the fastest measured batch (best of three runs) wins. When none does, the best recall wins, and the estimate
 recorded with the index says so (`index stats`).
 """
 
@@ -31,7 +31,6 @@ RECALL_K = 10
 DEFAULT_RECALL_TARGET = schema.DEFAULT_RECALL_TARGET
 TUNING_QUERIES = 1000
 TUNING_MIN_QUERIES = 300
-K_FACTORS = (2, 4, 8, 16)
 NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048,
                 3072, 4096, 6144, 8192)
 FLAT_GAIN = 0.002  # nprobe stops growing once two steps in a row add less recall than this
@@ -126,7 +125,7 @@ def tune(base: BaseSnapshot, dim: int, nlist: int, queries: np.ndarray, query_id
         return done[steps[i], k_factor]
 
     lo = 0
-    for k_factor in sorted(K_FACTORS, reverse=True) if rerank else (vi.DEFAULT_K_FACTOR,):
+    for k_factor in sorted(vi.k_factors(base.kind), reverse=True) if rerank else (vi.DEFAULT_K_FACTOR,):
         below, i, gap, history = lo - 1, lo, 1, []
         while i < len(steps) and at(i, k_factor) < target:
             history.append(done[steps[i], k_factor])

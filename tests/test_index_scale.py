@@ -49,22 +49,31 @@ def _stat(paths: list[Path]) -> list[tuple[int, int, int]]:
     return [(p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in paths]
 
 
-@pytest.fixture(scope="module")
-def pq_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
-    """20,000 clustered vectors in an auto index whose flat threshold is 5,000: an IVF-PQ base."""
-    vecs = _clustered(20_000, 0)
-    directory = tmp_path_factory.mktemp("pq") / "index"
-    with ImageIndex.create(directory, DIM, flat_max=5_000) as ix:
+def _build(directory: Path, vecs: np.ndarray, **kw: object) -> np.ndarray:
+    with ImageIndex.create(directory, DIM, **kw) as ix:
         ids = np.asarray(ix.add(vecs, _records(len(vecs))))
         ix.compact()
-    return directory, vecs, ids
+    return ids
 
 
-def test_ivfpq_recall_against_exact_search_is_above_the_recorded_target(pq_index) -> None:
+@pytest.fixture(scope="module")
+def pq_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """20,000 clustered vectors in an IVF-PQ (fast-scan, re-ranked) base."""
+    vecs = _clustered(20_000, 0)
+    directory = tmp_path_factory.mktemp("pq") / "index"
+    return directory, vecs, _build(directory, vecs, index_mode="ivfpq")
+
+
+@pytest.mark.parametrize("mode", ["ivfpq", "auto"])
+def test_recall_against_exact_search_is_above_the_recorded_target(mode: str, pq_index, tmp_path: Path) -> None:
     directory, vecs, ids = pq_index
+    if mode == "auto":  # above its flat threshold an auto index is IVF-SQ8, re-ranked
+        directory = tmp_path / "auto"
+        ids = _build(directory, vecs, flat_max=5_000)
     with ImageIndex.open(directory) as ix:
         st = ix.stats()
-        assert st["index_kind"] == "ivfpq" and st["pq_m"] == DIM // 2 and st["rerank"]
+        assert st["index_kind"] == {"ivfpq": "ivfpq", "auto": "ivfsq"}[mode] and st["rerank"]
+        assert st["pq_m"] == (DIM // 2 if mode == "ivfpq" else 0)
         est = st["recall_estimate"]
         assert est["reached"] and est["recall_at_10"] >= st["recall_target"] == 0.95 and est["queries"] == 1000
         assert st["trained_on"] == 20_000 and 0 < st["training_size"] <= 20_000
@@ -87,7 +96,7 @@ def test_vectors_added_after_training_are_found_without_retraining(tmp_path: Pat
     ids = ix.add(vecs[:4_000], _records(4_000))
     ix.compact()
     before = ix.stats()
-    assert before["index_kind"] == "ivfpq" and before["trained_on"] == 4_000
+    assert before["index_kind"] == "ivfsq" and before["trained_on"] == 4_000
     new = ix.add(vecs[4_000:], _records(2_000, "new"))
     ix.commit()
     ix.wait_compaction()
@@ -215,11 +224,13 @@ def test_memory_budget_plans_and_parsing() -> None:
     n, dim = 1_000_000, 256
     assert vi.plan_index(40_000, dim, "auto") == vi.Plan("flat")
     roomy = vi.plan_index(n, dim, "auto", parse_bytes("4GB"))
-    assert roomy == vi.Plan("ivfpq", 1000, 128, False, True)  # codes + exact vectors fit: re-rank
-    tight = vi.plan_index(n, dim, "auto", parse_bytes("512MB"))
+    assert roomy == vi.Plan("ivfsq", 4000, 0, False, True)  # SQ8 codes + exact vectors fit: re-rank
+    assert vi.plan_index(n, dim, "auto", parse_bytes("512MB")) == vi.Plan("ivfsq", 4000)  # codes only
+    tight = vi.plan_index(n, dim, "auto", parse_bytes("200MB"))
     assert tight.kind == "ivfpq" and not tight.rerank and tight.pq_m == 128
     tighter = vi.plan_index(n, dim, "auto", parse_bytes("30MB"))
     assert tighter.pq_m == 32 and vi.ram_bytes(tighter, n, dim) <= 30 * 10**6
+    assert vi.plan_index(n, dim, "ivfpq", parse_bytes("4GB")) == vi.Plan("ivfpq", 1000, 128, False, True)
     with pytest.raises(ValueError, match="memory budget is 1,000,000"):
         vi.plan_index(n, dim, "auto", 10**6)
     assert vi.plan_index(n, dim, "ivf").kind == "ivf"
@@ -236,8 +247,8 @@ def test_budget_recorded_and_too_small_keeps_the_last_base(tmp_path: Path, caplo
     ix = ImageIndex.create(tmp_path / "ix", DIM, flat_max=1_000, memory_budget="200KB")
     ix.add(vecs, _records(3_000))
     ix.compact()
-    st = ix.stats()  # 3,000 x (8 bytes of id + 8 of codes) fit, the exact vectors do not
-    assert st["memory"]["budget_recorded"] == 200_000 and st["index_kind"] == "ivfpq" and not st["rerank"]
+    st = ix.stats()  # 3,000 x (8 bytes of id + 32 of SQ8 codes) fit, the exact vectors do not
+    assert st["memory"]["budget_recorded"] == 200_000 and st["index_kind"] == "ivfsq" and not st["rerank"]
     assert st["memory"]["index_ram_bytes"] <= 200_000
     ix.configure(memory_budget="1KB")
     with pytest.raises(ValueError, match="memory budget"):

@@ -64,12 +64,24 @@ def pq_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray
     return directory, vecs, _build(directory, vecs, index_mode="ivfpq")
 
 
+@pytest.fixture(scope="module")
+def sq_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The same vectors in an auto index above its flat threshold: IVF-SQ8, re-ranked."""
+    vecs = _clustered(20_000, 0)
+    directory = tmp_path_factory.mktemp("sq") / "index"
+    return directory, vecs, _build(directory, vecs, flat_max=5_000)
+
+
+@pytest.fixture(scope="module")
+def flat_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    vecs = _clustered(20_000, 0)
+    directory = tmp_path_factory.mktemp("flat") / "index"
+    return directory, vecs, _build(directory, vecs)
+
+
 @pytest.mark.parametrize("mode", ["ivfpq", "auto"])
-def test_recall_against_exact_search_is_above_the_recorded_target(mode: str, pq_index, tmp_path: Path) -> None:
-    directory, vecs, ids = pq_index
-    if mode == "auto":  # above its flat threshold an auto index is IVF-SQ8, re-ranked
-        directory = tmp_path / "auto"
-        ids = _build(directory, vecs, flat_max=5_000)
+def test_recall_against_exact_search_is_above_the_recorded_target(mode: str, request: pytest.FixtureRequest) -> None:
+    directory, vecs, ids = request.getfixturevalue("pq_index" if mode == "ivfpq" else "sq_index")
     with ImageIndex.open(directory) as ix:
         st = ix.stats()
         assert st["index_kind"] == {"ivfpq": "ivfpq", "auto": "ivfsq"}[mode] and st["rerank"]
@@ -133,8 +145,9 @@ def test_retrain_past_the_growth_factor_and_on_demand(tmp_path: Path) -> None:
     ix.close()
 
 
-def test_base_opens_memory_mapped_and_answers_as_when_read_into_memory(pq_index) -> None:
-    directory, vecs, _ = pq_index
+@pytest.mark.parametrize("which", ["pq_index", "sq_index", "flat_index"])
+def test_base_opens_memory_mapped_and_answers_as_when_read_into_memory(which: str, request: pytest.FixtureRequest) -> None:
+    directory, vecs, _ = request.getfixturevalue(which)
     script = textwrap.dedent(f"""
         import json, sys, numpy as np
         from index.store import ImageIndex
@@ -156,7 +169,8 @@ def test_base_opens_memory_mapped_and_answers_as_when_read_into_memory(pq_index)
         meta = ix.meta
         paths = base_paths(directory, int(meta["base_generation"]))
         loaded = BaseSnapshot(ix._index.base.generation, ix._index.base.hwm, meta["index_kind"],
-                              faiss.read_index(str(paths.faiss)), np.load(paths.ids), np.load(paths.vectors))
+                              faiss.read_index(str(paths.faiss)), np.load(paths.ids),
+                              np.load(paths.vectors) if paths.vectors.is_file() else None)
         in_ram = LayeredIndex(loaded, DIM)
         settings = vi.search_parameters(meta["index_kind"], None, {"nprobe": meta["nprobe"], "k_factor": meta["k_factor"]})
         scores, ids = in_ram.search(queries, 10, params=settings)

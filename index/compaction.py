@@ -9,7 +9,9 @@ background thread on its own connection, so searches and writes go on:
 1. plan the kind for the number of vectors and the memory budget (vector_index.plan_index);
    train on a seeded sample when the kind or its shape changes, the collection outgrew its
    training, or `--retrain` asks; else reuse the recorded training (blob `trained`);
-2. add every row (streamed in chunks), writing `base.<S>.vectors.npy` when the kind re-ranks, then
+2. add every row (streamed in chunks) — or, with the recorded training, keep the last base's
+   encoded rows (minus those removed since) and add only the rows added since — writing
+   `base.<S>.vectors.npy` when the kind re-ranks, then
    `base.<S>.ids.npy`; after a training, choose nprobe / k_factor by measured recall
    (index/tuning.py); write `base.<S>.faiss`. All through embed/atomic.py;
 3. publish, in one short write transaction: the metadata points at S, the log of removals S
@@ -32,12 +34,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 from index import tuning, whitening
 from index import vector_index as vi
 from index.budget import effective_budget
-from index.faiss_file import base_paths, read_array, remove_stale, write_array, write_index
+from index.faiss_file import base_paths, read_array, read_index, remove_stale, write_array, write_index
 from index.generation import rows_after, trained_index
 from index.layered import BaseSnapshot, LayeredIndex
 from index.schema import DB_FILE, FORMAT_VERSION, ensure_removed_table, read_meta, write_meta
@@ -46,8 +49,13 @@ logger = logging.getLogger(__name__)
 
 DELTA_MIN_ROWS = 2_000
 DELTA_FRACTION = 0.05
+# The delta is searched exactly, so every query pays for its rows (~D multiply-adds each): capped,
+# so a big base's delta costs a small share of a search (20,000 x 256-d ~ 2% of an exact search of
+# a million), at the price of a compaction every 20,000 writes there.
+DELTA_MAX_ROWS = 20_000
 REMOVED_FRACTION = 0.10
 LOCK_FILE = ".compact.lock"
+CHUNK_ROWS = 50_000  # rows of the last base's re-ranking vectors copied at a time
 
 
 class Cancelled(Exception):
@@ -80,7 +88,7 @@ def due(meta: dict[str, Any], layered: LayeredIndex) -> str | None:
         return f"grown {vi.RETRAIN_GROWTH}x past its training"
     if (reason := whitening.refit_reason(meta, n)) is not None:
         return reason
-    if layered.delta_count > max(DELTA_MIN_ROWS, DELTA_FRACTION * base_n):
+    if layered.delta_count > max(DELTA_MIN_ROWS, min(DELTA_FRACTION * base_n, DELTA_MAX_ROWS)):
         return f"delta of {layered.delta_count} rows"
     if len(layered.removed) > max(DELTA_MIN_ROWS, REMOVED_FRACTION * base_n):
         return f"{len(layered.removed)} removed rows"
@@ -134,9 +142,18 @@ def build_base(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
     if not n:
         return updates, blob
     paths, id_parts = base_paths(directory, generation), []
+    # without a new training or space, the last base's encoded vectors are kept (minus the rows gone
+    # since), and only the rows added since are encoded: a compaction costs the delta, plus copying
+    previous = None if train or refitted or plan.kind != recorded.kind else _previous_base(directory, conn, meta, plan)
+    if previous is not None:
+        index, start, old_vectors = previous
+        id_parts.append(start)
 
     def vector_chunks() -> Iterator[np.ndarray]:
-        for ids, vecs in rows_after(conn, 0, dim):
+        if previous is not None and old_vectors is not None:
+            for first in range(0, len(start), CHUNK_ROWS):
+                yield old_vectors[first : first + CHUNK_ROWS]
+        for ids, vecs in rows_after(conn, int(meta["base_hwm"]) if previous is not None else 0, dim):
             if should_stop():
                 raise Cancelled
             if space is not None:
@@ -166,8 +183,46 @@ def build_base(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any], 
     write_index(index, paths.faiss)
     updates["base_build"] = {"seconds": round(time.perf_counter() - started, 3), "train_seconds": round(trained, 3),
                              "add_seconds": round(added, 3), "tune_seconds": round(tuned, 3), "trained": train,
-                             "built_at": time.time()}
+                             "merged": previous is not None, "built_at": time.time()}
     return updates, blob
+
+
+def _previous_base(directory: Path, conn: sqlite3.Connection, meta: dict[str, Any],
+                   plan: vi.Plan) -> tuple[Any, np.ndarray, np.ndarray | None] | None:
+    """The published base read into memory (a private, writable copy) without the rows removed since:
+    (index, its ids, its re-ranking vectors as a lazy filtered view), or None to build from the rows."""
+    old = base_paths(directory, int(meta.get("base_generation") or 0))
+    if not meta.get("base_generation"):
+        return None
+    try:
+        index = read_index(old.faiss, mmap=False)
+        ids = np.load(old.ids)
+        vectors = read_array(old.vectors) if plan.rerank else None
+    except (RuntimeError, OSError, ValueError) as e:
+        logger.info("%s: building from the rows (last base unreadable: %s)", directory, e)
+        return None
+    if index.ntotal != len(ids) or (vectors is not None and len(vectors) != len(ids)):
+        return None
+    alive = np.fromiter((r[0] for r in conn.execute("SELECT id FROM items WHERE id <= ? ORDER BY id",
+                                                    (int(meta["base_hwm"]),))), dtype=np.int64)
+    keep = np.isin(ids, alive, assume_unique=True)
+    if not keep.all():
+        index.remove_ids(faiss.IDSelectorBatch(ids[~keep]))
+    kept_vectors = None if vectors is None else (vectors if keep.all() else _Rows(vectors, np.flatnonzero(keep)))
+    return index, ids[keep], kept_vectors
+
+
+class _Rows:
+    """Rows `rows` of a (memory-mapped) array, sliced lazily: a filtered copy never sits in memory whole."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray) -> None:
+        self.array, self.rows = array, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        return self.array[self.rows[part]]
 
 
 def _tune(conn: sqlite3.Connection, base: BaseSnapshot, dim: int, plan: vi.Plan, target: float,

@@ -118,6 +118,7 @@ def test_vectors_added_after_training_are_found_without_retraining(tmp_path: Pat
     after = ix.stats()
     assert after["delta_count"] == 0 and after["base"]["count"] == 6_000
     assert after["trained_on"] == 4_000 and after["base"]["build"]["trained"] is False
+    assert after["base"]["build"]["merged"]  # the last base's codes kept, only the 2,000 new ones encoded
     assert [row[0].id for row in ix.search(vecs[::60], 1)] == (ids + new)[::60]
     ix.close()
 
@@ -203,8 +204,12 @@ def test_writes_leave_the_base_files_alone_and_readers_apply_only_changes(tmp_pa
         gone = {h.id for row in reader.search(vecs[: 5 * (i + 1)], 5) for h in row}
         assert not gone & set(ids[: 5 * (i + 1)])
     assert _stat(files) == before  # not rewritten, not replaced
-    writer.compact()  # a new base: the reader opens it, the old files go
+    writer.compact()  # a new base (the old one's codes minus the removed rows, plus the delta)
+    assert writer.stats()["base"]["build"]["merged"]
     assert reader.refresh() and reader._index.base is not base and reader._index.delta_count == 0
+    removed = [ids[j] for i in range(3) for j in range(i * 5, i * 5 + 5)]
+    assert len(reader._index.base) == len(writer) and not np.isin(removed, reader._index.base.ids).any()
+    assert [row[0].id for row in reader.search(vecs[15:10_000:97], 1)] == ids[15:10_000:97]
     assert not any(p.exists() for p in files)
     assert sorted(reader.ids()) == sorted(writer.ids()) and len(reader) == 10_000 + 30 - 18
     reader.close()

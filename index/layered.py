@@ -126,6 +126,8 @@ class LayeredIndex:
             parts.append(self.delta.search(x, min(k, int(self.delta.ntotal)), params=dp))
         if not parts:
             return np.full((len(x), k), _NONE, dtype=np.float32), np.full((len(x), k), -1, dtype=np.int64)
+        if len(parts) == 1 and parts[0][1].shape[1] == k:
+            return parts[0]  # one sorted result, nothing to merge
         return merge_top_k(parts, k)
 
     def _search_base(self, x: np.ndarray, k: int, s: vi.SearchSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -143,8 +145,8 @@ class LayeredIndex:
         else:
             fp = faiss.SearchParameters(sel=sel) if sel is not None else None
         scores, ids = base.index.search(x, fetch, params=fp)
-        if rerank:
-            scores, ids = exact_scores(x, ids, base.ids, base.vectors)
+        if rerank:  # exact scores, re-sorted: the merge (or the caller) takes the first k
+            scores, ids = merge_top_k([exact_scores(x, ids, base.ids, base.vectors)], fetch)
         return scores, ids
 
 

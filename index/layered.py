@@ -145,8 +145,8 @@ class LayeredIndex:
         else:
             fp = faiss.SearchParameters(sel=sel) if sel is not None else None
         scores, ids = base.index.search(x, fetch, params=fp)
-        if rerank:  # exact scores, re-sorted: the merge (or the caller) takes the first k
-            scores, ids = merge_top_k([exact_scores(x, ids, base.ids, base.vectors)], fetch)
+        if rerank:  # exact scores, the best k of them sorted
+            scores, ids = merge_top_k([exact_scores(x, ids, base.ids, base.vectors)], min(k, fetch))
         return scores, ids
 
 

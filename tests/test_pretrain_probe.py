@@ -10,7 +10,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from pretrain.data import load_folder
-from pretrain.probe import L2_GRID, fit_logistic, linear_probe
+from pretrain.probe import L2_GRID, Standardiser, fit_logistic, linear_probe
 
 SAMPLE = Path(__file__).parent / "data" / "cifar10-sample"
 
@@ -70,3 +70,40 @@ def test_fit_reaches_the_optimum_and_stronger_l2_shrinks_the_weights(pixels):
 
 def test_default_grid_runs_from_strong_to_almost_no_regularisation():
     assert L2_GRID[0] == pytest.approx(0.1) and L2_GRID[-1] == pytest.approx(1e-6) and len(L2_GRID) == 6
+
+
+def test_a_carried_fit_gives_the_same_logits_on_another_standardisation(pixels):
+    xtr, ytr, _, _ = pixels
+    part, whole = Standardiser.of(xtr[:700]), Standardiser.of(xtr)
+    assert not torch.allclose(part.mean, whole.mean)  # the two differ, so the carry has work to do
+    fit = fit_logistic(part(xtr[:700]), ytr[:700], 10, 1e-2)
+    carried = part.carry(fit, whole)
+    before = part(xtr) @ fit.weight + fit.bias
+    after = whole(xtr) @ carried.weight + carried.bias
+    assert torch.allclose(before, after, atol=1e-9)
+
+
+def test_a_warm_start_reaches_the_same_optimum_in_fewer_iterations(pixels):
+    xtr, ytr, _, _ = pixels
+    x = Standardiser.of(xtr)(xtr)
+    cold = fit_logistic(x, ytr, 10, 1e-3)
+    near = fit_logistic(x, ytr, 10, 1e-2)
+    warm = fit_logistic(x, ytr, 10, 1e-3, init=near)
+    assert cold.converged and warm.converged and warm.iterations < cold.iterations
+    # a strictly convex objective: one optimum, wherever the solver starts (and in float64 at the end)
+    assert warm.weight.dtype == torch.float64
+    assert (warm.weight - cold.weight).abs().max() < 1e-3 * cold.weight.abs().max()
+    assert torch.equal(warm.predict(x), cold.predict(x))
+
+
+def test_the_closed_form_gradient_is_autograds():
+    from pretrain.probe import _loss_and_grad
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(50, 7, generator=g, dtype=torch.float64), torch.randint(0, 4, (50,), generator=g)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * 0.3 * (w * w).sum()
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    ours, ours_w, ours_b = _loss_and_grad(x, y, w.detach(), b.detach(), 0.3)
+    assert torch.allclose(ours, loss) and torch.allclose(ours_w, gw) and torch.allclose(ours_b, gb)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embed.spec import MODEL_FP16_ONNX, MODEL_ONNX, ModelSpec, compute_fingerprint
+from embed.spec import MODEL_FP16_ONNX, MODEL_ONNX, ModelSpec, compute_fingerprint, sha256_file
 from export import publish
 from export.errors import ExportError
 from export.graph import DEFAULT_OPSET, ExportableEncoder, export_onnx
@@ -53,14 +52,6 @@ class ExportConfig:
     fp32_tolerance: Tolerance = FP32_TOLERANCE
     fp16_tolerance: Tolerance = FP16_TOLERANCE
     triton: TritonOptions | None = field(default_factory=TritonOptions)  # None: no triton/ folder
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_encoder(checkpoint: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:

@@ -80,14 +80,6 @@ def survey_folder(folder: Path, sample: int = 200) -> tuple[int, int]:
     return len(files), sorted(sides)[len(sides) // 2]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def work_dir_for(images: Path, root: Path) -> Path:
     digest = hashlib.sha256(str(images).encode()).hexdigest()[:8]
     return root / f"{images.name or 'images'}-{digest}"
@@ -146,7 +138,7 @@ def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool) -
 
 
 def run_export(checkpoint: Path, model_dir: Path, images: Path) -> Path:
-    from embed.spec import ModelDirError, ModelSpec
+    from embed.spec import ModelDirError, ModelSpec, sha256_file
     from export import cli as export_cli
 
     try:

@@ -244,7 +244,7 @@ def _check_api(url: str, images: Path) -> None:
     import httpx
 
     with httpx.Client(base_url=url, timeout=30) as c:
-        assert "hit.thumbnail_url" in c.get("/static/app.js").text  # what the grid's <img> asks
+        assert "item.thumbnail_url" in c.get("/static/common.js").text  # what the grid's <img> asks
         query = images / "cat" / "0000.jpg"
         r = c.post("/v1/search", files={"file": ("q.jpg", query.read_bytes())}, data={"k": "15"})
         assert r.status_code == 200, r.text

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browserkit import chrome, needs_chromium
 from fastapi.testclient import TestClient
 from near_copies import TRANSFORMS
 from serverkit import CIFAR_TEST, DATA
@@ -209,20 +210,15 @@ def test_grouping_is_centred_not_chained() -> None:
     assert sorted(groups) == [0, 1] and (2, pytest.approx(0.985)) in groups[1]
 
 
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = DATA.parent.parent / "docs" / "duplicates-page.png"
 KEY = "dup-key"
 
 
-@pytest.mark.skipif(not (Path(CHROMEDRIVER).is_file() and CHROMIUM),
-                    reason="headless Chromium not installed (apt-get install chromium chromium-driver, or `make sysdeps`)")
+@needs_chromium
 def test_duplicates_page_shows_groups_and_deletes_all_but_one(index_copy: Path, tmp_path: Path) -> None:
     """Real uvicorn + real Chromium: the groups render with their thumbnails; "delete the other N"
     without the key says so, with the key deletes every member but the one marked keep."""
     import httpx
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     from serverkit import LiveServer
@@ -232,13 +228,7 @@ def test_duplicates_page_shows_groups_and_deletes_all_but_one(index_copy: Path, 
             for f in CIFAR_TEST[::EXACT_EVERY]:  # exact duplicates: uploads of files the index has
                 assert c.post("/v1/items", files={"file": (f.name, f.read_bytes())}).status_code == 201
         report = find_duplicates(index_copy)
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1100,900", f"--user-data-dir={tmp_path / 'chrome'}"):
-            options.add_argument(arg)
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver = chrome(tmp_path / "chrome", 1100, 900)  # an explicit driver: nothing is downloaded
         try:
             driver.get(server.url + "/")
             driver.find_element(By.LINK_TEXT, "duplicates").click()  # the main page links to it

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from browserkit import chrome, needs_chromium
 from fastapi.testclient import TestClient
 from serverkit import CIFAR_TRAIN, REPO, LiveServer
 
@@ -26,8 +27,6 @@ from index.store import ImageIndex
 from server.app import create_app
 from server.settings import Settings
 
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = REPO / "docs" / "map-page.png"
 
 
@@ -143,11 +142,8 @@ def test_map_api_errors_and_schema(client: TestClient) -> None:
 
 
 # --- the page in Chromium -------------------------------------------------------------------------
-@pytest.mark.skipif(not (Path(CHROMEDRIVER).is_file() and CHROMIUM),
-                    reason="headless Chromium not installed (apt-get install chromium chromium-driver, or `make sysdeps`)")
+@needs_chromium
 def test_map_page_click_searches_by_the_item(model_dir: Path, tmp_path: Path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -156,13 +152,7 @@ def test_map_page_click_searches_by_the_item(model_dir: Path, tmp_path: Path) ->
     with LiveServer(model, tmp_path / "index", tmp_path / "server.log") as server:
         with httpx.Client(base_url=server.url, timeout=30) as c:
             _add(c, CIFAR_TRAIN[::6])
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1200,800", f"--user-data-dir={tmp_path / 'chrome'}"):
-            options.add_argument(arg)
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # never downloads a driver
+        driver = chrome(tmp_path / "chrome", 1200, 800)  # an explicit driver: nothing is downloaded
         try:
             driver.get(server.url + "/map")
             WebDriverWait(driver, 60).until(lambda d: d.execute_script("return window.simsearchMap.ready"))

@@ -3,26 +3,18 @@ the first, the same items a bigger search returns), and a min score leaves out w
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import httpx
-import pytest
+from browserkit import chrome, needs_chromium
 from serverkit import CIFAR_TEST, CIFAR_TRAIN, DATA, LiveServer
 
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MODEL = DATA / "models" / "cifar10-smallcnn2"
 
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMEDRIVER).is_file() and CHROMIUM),
-    reason="headless Chromium not installed (apt-get install chromium chromium-driver, or `make sysdeps`)",
-)
+pytestmark = needs_chromium
 
 
 def test_more_and_min_score(tmp_path: Path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -35,13 +27,7 @@ def test_more_and_min_score(tmp_path: Path) -> None:
                                              data={"k": "16"}).json()["neighbours"]]
             scores = [h["score"] for h in c.post("/v1/search", files={"file": (second.name, second.read_bytes())},
                                                  data={"k": "50"}).json()["neighbours"]]
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1100,760", f"--user-data-dir={tmp_path / 'chrome'}"):
-            options.add_argument(arg)
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver = chrome(tmp_path / "chrome", 1100, 760)  # an explicit driver: nothing is downloaded
 
         def shown() -> list[int]:
             return [int(img.get_attribute("src").split("/")[-2])

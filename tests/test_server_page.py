@@ -14,22 +14,15 @@ import shutil
 from pathlib import Path
 
 import httpx
-import pytest
+from browserkit import chrome, needs_chromium
 from serverkit import CIFAR_TEST, CIFAR_TRAIN, REPO, LiveServer
 
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = REPO / "docs" / "search-page.png"
 
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMEDRIVER).is_file() and CHROMIUM),
-    reason="headless Chromium not installed (apt-get install chromium chromium-driver, or `make sysdeps`)",
-)
+pytestmark = needs_chromium
 
 
 def test_pick_an_image_and_see_neighbours(model_dir: Path, tmp_path: Path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -39,14 +32,7 @@ def test_pick_an_image_and_see_neighbours(model_dir: Path, tmp_path: Path) -> No
             for p in CIFAR_TRAIN[::12]:
                 r = c.post("/v1/items", files={"file": (f"{p.parent.name}/{p.name}", p.read_bytes())})
                 assert r.status_code == 201
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1100,760", f"--user-data-dir={tmp_path / 'chrome'}"):
-            options.add_argument(arg)
-        # an explicit driver path: selenium-manager never downloads anything
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver = chrome(tmp_path / "chrome", 1100, 760)  # an explicit driver: nothing is downloaded
         try:
             driver.get(server.url + "/")
             WebDriverWait(driver, 20).until(lambda d: "items" in d.find_element(By.ID, "status").text)

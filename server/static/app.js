@@ -1,12 +1,6 @@
 // The search page: pick or drop an image -> POST /v1/search -> a grid of neighbours.
 "use strict";
-const $ = (id) => document.getElementById(id);
-const drop = $("drop"), input = $("file"), preview = $("preview"), results = $("results"), message = $("message");
-
-function say(text, isError = false) {
-  message.textContent = text;
-  message.classList.toggle("error", isError);
-}
+const drop = $("drop"), input = $("file"), preview = $("preview"), results = $("results");
 
 async function refreshStatus() {
   try {
@@ -19,27 +13,7 @@ async function refreshStatus() {
 }
 
 function card(hit) {
-  const div = document.createElement("div");
-  div.className = "hit";
-  const img = document.createElement("img");
-  img.src = hit.thumbnail_url;
-  img.alt = hit.path;
-  img.loading = "lazy";
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  const score = document.createElement("div");
-  score.className = "score";
-  score.textContent = hit.score.toFixed(4);
-  const name = document.createElement("div");
-  name.className = "name";
-  name.textContent = (hit.metadata && hit.metadata.filename) || hit.path.split("/").pop();
-  const path = document.createElement("div");
-  path.className = "path";
-  path.title = hit.path;
-  path.textContent = "\u200e" + hit.path;  // LRM: keeps the leading "/" in place under direction: rtl
-  meta.append(score, name, path);
-  div.append(img, meta);
-  return div;
+  return itemCard("hit", hit, [el("div", "score", hit.score.toFixed(4)), nameLine(hit), pathLine(hit)]);
 }
 
 let lastFile = null, nextOffset = null;  // "more" asks for the next page of the same search

@@ -2,14 +2,8 @@
 // proposed keeper is marked), then "delete the others" (a second click confirms) sends
 // DELETE /v1/items/{id} for each of them with the API key when one is given.
 "use strict";
-const $ = (id) => document.getElementById(id);
-const groupsEl = $("groups"), message = $("message"), more = $("more");
+const groupsEl = $("groups"), more = $("more");
 let nextOffset = null;
-
-function say(text, isError = false) {
-  message.textContent = text;
-  message.classList.toggle("error", isError);
-}
 
 // the key lives in this tab only (sessionStorage), never in the page's URL or in localStorage
 const keyInput = $("apikey");
@@ -24,26 +18,10 @@ function query(offset) {
 }
 
 function memberCard(item, group, card) {
-  const div = document.createElement("div");
-  div.className = "member" + (item.id === group.keeper ? " keep" : "");
-  div.dataset.id = item.id;
+  const size = `${item.width}×${item.height} · ${(item.size / 1024).toFixed(1)} KB`;
+  const div = itemCard("member" + (item.id === group.keeper ? " keep" : ""), item,
+                       [el("div", "role"), el("div", "", size), pathLine(item)]);
   div.title = "keep this one";
-  const img = document.createElement("img");
-  img.src = item.thumbnail_url;
-  img.alt = item.path;
-  img.loading = "lazy";
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  const role = document.createElement("div");
-  role.className = "role";
-  const size = document.createElement("div");
-  size.textContent = `${item.width}×${item.height} · ${(item.size / 1024).toFixed(1)} KB`;
-  const path = document.createElement("div");
-  path.className = "path";
-  path.title = item.path;
-  path.textContent = "\u200e" + item.path;
-  meta.append(role, size, path);
-  div.append(img, meta);
   div.addEventListener("click", () => {
     card.querySelectorAll(".member").forEach((m) => m.classList.toggle("keep", m === div));
     label(card);

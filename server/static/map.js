@@ -1,8 +1,7 @@
 // The map page: GET /v1/map -> a density heat map with thumbnails on a canvas; drag to pan, wheel or
 // the buttons to zoom; a click on a thumbnail -> POST /v1/search {id} -> its neighbours at the side.
 "use strict";
-const $ = (id) => document.getElementById(id);
-const canvas = $("map"), ctx = canvas.getContext("2d"), results = $("results"), message = $("message");
+const canvas = $("map"), ctx = canvas.getContext("2d"), results = $("results");
 
 const TILE = 16;          // thumbnail side in CSS px at zoom 1; grows with the zoom, up to MAX_TILE
 const MAX_TILE = 128;
@@ -10,10 +9,6 @@ const LOADS = 8;          // thumbnails fetched at once
 const state = { points: [], density: null, view: { zoom: 1, x: 0, y: 0 }, picked: null, near: new Set(),
                 queue: [], loading: 0, ready: false, frame: 0 };
 
-function say(text, isError = false) {
-  message.textContent = text;
-  message.classList.toggle("error", isError);
-}
 
 // world (0..1 square) <-> canvas CSS pixels: the square fits the canvas at zoom 1, centred
 function base() {
@@ -126,24 +121,8 @@ function zoomAt(factor, sx, sy) {
 }
 
 function card(hit) {
-  const div = document.createElement("div");
-  div.className = "hit";
-  div.dataset.id = hit.id;
-  const img = document.createElement("img");
-  img.src = hit.thumbnail_url;
-  img.alt = hit.path;
-  img.loading = "lazy";
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  const score = document.createElement("div");
-  score.className = "score";
-  score.textContent = hit.score === undefined ? "query" : hit.score.toFixed(4);
-  const name = document.createElement("div");
-  name.className = "name";
-  name.title = hit.path;
-  name.textContent = (hit.metadata && hit.metadata.filename) || hit.path.split("/").pop();
-  meta.append(score, name);
-  div.append(img, meta);
+  const div = itemCard("hit", hit, [el("div", "score", hit.score === undefined ? "query" : hit.score.toFixed(4)),
+                                    nameLine(hit)]);
   if (state.points.some((p) => p.id === hit.id)) {
     div.classList.add("on-map");
     div.title = "show on the map and search by it";

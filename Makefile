@@ -14,6 +14,7 @@ IMAGES ?= tests/data/cifar10-sample/train
 WORKDIR ?= demo-run
 BUDGET ?= 180
 PORT ?= 8000
+INIT ?=
 
 .PHONY: demo test venv sysdeps lint clean
 
@@ -56,7 +57,7 @@ test: $(VENV)/.installed-test sysdeps
 	FAIL_ON_SKIP=1 $(PY) -m pytest -q
 
 demo: $(VENV)/.installed-demo
-	$(VENV)/bin/simsearch demo --images '$(IMAGES)' --workdir '$(WORKDIR)' --budget $(BUDGET) --port $(PORT)
+	$(VENV)/bin/simsearch demo --images '$(IMAGES)' --workdir '$(WORKDIR)' --budget $(BUDGET) --port $(PORT) $(if $(INIT),--init '$(INIT)')
 
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .

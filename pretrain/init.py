@@ -148,6 +148,25 @@ def load_init(encoder: nn.Module, path: str | os.PathLike[str], model_cfg: Model
     return report
 
 
+def init_encoder(path: str | os.PathLike[str]) -> tuple[str, float]:
+    """(arch, width) of the encoder whose weights `path` holds, for a caller that builds the run
+    around the file (`simsearch demo --init`). A simsearch checkpoint says so in its config; a
+    torchvision state dict is told by its keys: Bottleneck blocks (`conv3`) make a ResNet-50,
+    else the blocks in layer3 (2: ResNet-18, 6: ResNet-34); the width is the stem's channels / 64.
+    The stem's kernel is not decided here (`load_init` keeps the run's own stem when they differ)."""
+    state, source, file_model = read_init_state(path)
+    if file_model is not None:
+        return str(file_model.get("arch")), float(file_model.get("width", 1.0))
+    state, _ = map_torchvision_keys(state)
+    if "layer3.0.conv1.weight" not in state or STEM_KEY not in state:
+        raise InitError(f"--init {path}: a state dict, but not of a torchvision ResNet (no {STEM_KEY} / layer3.0.conv1.weight)")
+    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layer3."))
+    arch = "resnet50" if "layer1.0.conv3.weight" in state else {2: "resnet18", 6: "resnet34"}.get(blocks, "")
+    if not arch:
+        raise InitError(f"--init {path}: a torchvision ResNet with {blocks} blocks in layer3 (ResNet-18, 34 and 50 are supported)")
+    return arch, state[STEM_KEY].shape[0] / 64
+
+
 def check_init(path: str | os.PathLike[str], model_cfg: ModelConfig) -> InitReport:
     """Whether `path` fits an encoder built from `model_cfg` (raises InitError if not); for early CLI checks."""
     return load_init(build_encoder(model_cfg), path, model_cfg)

@@ -11,6 +11,11 @@ Four steps, each reusing what an earlier run of the same command already built:
 
 Each folder gets its own work directory (`<workdir>/<folder name>-<hash of its path>`), so
 `make demo IMAGES=~/photos` never mixes with the shipped sample.
+
+`--init FILE` gives pretraining a head start from encoder weights the user has (a torchvision
+ResNet state dict, or the `last.pt` of an earlier run, e.g. on a larger folder): the encoder's
+architecture and width follow the file, the input size, stem and schedule follow the folder, and
+the run gets its own work directory (`...-init-<hash of the file's path>`).
 """
 
 from __future__ import annotations
@@ -80,9 +85,12 @@ def survey_folder(folder: Path, sample: int = 200) -> tuple[int, int]:
     return len(files), sorted(sides)[len(sides) // 2]
 
 
-def work_dir_for(images: Path, root: Path) -> Path:
+def work_dir_for(images: Path, root: Path, init: Path | None = None) -> Path:
+    """One work directory per folder, and per --init file: a head start is another model."""
     digest = hashlib.sha256(str(images).encode()).hexdigest()[:8]
-    return root / f"{images.name or 'images'}-{digest}"
+    if init is None:
+        return root / f"{images.name or 'images'}-{digest}"
+    return root / f"{images.name or 'images'}-{digest}-init-{hashlib.sha256(str(init).encode()).hexdigest()[:8]}"
 
 
 def step(n: int, title: str) -> float:
@@ -96,7 +104,7 @@ def done(t0: float, what: str) -> float:
     return dt
 
 
-def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool) -> Path:
+def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool, init: Path | None = None) -> Path:
     import torch
 
     from pretrain import train
@@ -111,6 +119,14 @@ def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool) -
     preset = choose_preset(short_side, torch.cuda.is_available())
     # a batch can't be larger than the folder; SimCLR's negatives come from the batch, so keep it large
     preset = replace(preset, batch_size=min(preset.batch_size, 2 ** int(math.log2(count))))
+    if init is not None:  # a head start: the encoder is the file's; the size, stem and schedule stay the folder's
+        from pretrain.init import InitError, init_encoder
+
+        try:
+            arch, width = init_encoder(init)
+        except InitError as e:
+            raise SystemExit(f"simsearch demo: {e}") from None
+        preset = replace(preset, arch=arch, width=width, head_hidden_dim=preset.head_hidden_dim if arch == preset.arch else 0)
     print(
         f"      {count} images; {preset.arch} at {preset.image_size}px on {preset.device}, "
         f"batch {preset.batch_size}, budget {budget_s:.0f} s"
@@ -127,6 +143,8 @@ def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool) -
         # epochs 0: the cosine schedule is laid out over the time budget
         "--time-budget-min", f"{budget_s / 60:.4f}", "--epochs", "0",
     ]  # fmt: skip
+    if init is not None:
+        argv += ["--init", str(init)]
     if checkpoint.is_file():  # an interrupted earlier run: continue it rather than start again
         argv.append("--resume")
     if not progress:
@@ -179,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="tests/data/cifar10-sample/train", help="folder of images (recursive)")
     p.add_argument("--workdir", default="demo-run", help="where runs, models and indexes are kept")
     p.add_argument("--budget", type=float, default=180.0, help="pretraining budget in seconds")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="start pretraining from these encoder weights (a torchvision ResNet state dict or a "
+                        "simsearch checkpoint; the encoder follows the file); nothing is downloaded")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-serve", action="store_true", help="stop after indexing")
@@ -194,14 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     if not images.is_dir():
         print(f"simsearch demo: {images} is not a folder of images", file=sys.stderr)
         return 2
-    work = work_dir_for(images, Path(args.workdir).expanduser().resolve())
+    init = Path(args.init).expanduser().resolve() if args.init else None
+    if init is not None and not init.is_file():
+        print(f"simsearch demo: --init {init}: no such file", file=sys.stderr)
+        return 2
+    work = work_dir_for(images, Path(args.workdir).expanduser().resolve(), init)
     work.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     times: dict[str, float] = {}
     print(f"simsearch demo: {images}\n      work directory {work}")
 
     t0 = step(1, "pretraining the encoder (SimCLR)")
-    checkpoint = run_pretrain(images, work / "pretrain", args.budget, progress)
+    checkpoint = run_pretrain(images, work / "pretrain", args.budget, progress, init)
     times["pretrain_s"] = done(t0, f"checkpoint {checkpoint}")
 
     t0 = step(2, "exporting the encoder to ONNX (verified against PyTorch)")

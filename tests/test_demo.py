@@ -83,3 +83,17 @@ def test_demo_builds_reuses_and_serves(tmp_path: Path) -> None:
     # the second run rebuilt nothing: same checkpoint and model, an index with nothing to add
     assert out.count("reusing") >= 2, out
     assert f"http://127.0.0.1:{port}/" in out and "curl -F" in out
+
+
+def test_demo_init_with_a_wrong_file_stops_before_training(tmp_path: Path) -> None:
+    """`--init` reaches pretraining's check: a file that is no encoder ends the demo with one line,
+    before anything is trained, exported or indexed."""
+    bad = tmp_path / "notes.pth"
+    bad.write_bytes(b"not a weights file")
+    work = tmp_path / "work"
+    proc = _demo(["--images", str(SAMPLE), "--workdir", str(work), "--init", str(bad), "--no-serve"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    errors = [line for line in out.splitlines() if line.startswith("simsearch demo: --init")]
+    assert len(errors) == 1 and "not a readable PyTorch weights file" in errors[0], out
+    assert not list(work.rglob("last.pt")) and not list(work.rglob("model.onnx"))

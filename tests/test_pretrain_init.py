@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.models import resnet18, resnet50
+from torchvision.models import resnet18, resnet34, resnet50
 
 from pretrain.checkpoint import save_checkpoint
-from pretrain.init import InitError, check_init, load_init
+from pretrain.init import InitError, check_init, init_encoder, load_init
 from pretrain.models import ModelConfig, build_encoder, build_head
 
 
@@ -196,3 +196,21 @@ def test_cli_init_with_a_wrong_file_exits_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"simsearch pretrain: --init {bad}") and "unexpected" in err[0]
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_init_encoder_tells_the_architecture_from_the_file(tmp_path, tv_state):
+    """What `simsearch demo --init` builds: ResNet-18/34/50 by their keys, the width from the stem,
+    a simsearch checkpoint from its config; anything else is refused in one line."""
+    assert init_encoder(tv_state[0]) == ("resnet18", 1.0)
+    for make, arch in ((resnet34, "resnet34"), (resnet50, "resnet50")):
+        torch.save({"state_dict": {"module." + k: v for k, v in make().state_dict().items()}}, tmp_path / f"{arch}.pth")
+        assert init_encoder(tmp_path / f"{arch}.pth") == (arch, 1.0)
+    half = build_encoder(ModelConfig(arch="resnet18", width=0.5, cifar_stem=True))
+    torch.save(half.state_dict(), tmp_path / "half.pth")
+    assert init_encoder(tmp_path / "half.pth") == ("resnet18", 0.5)
+    _simsearch_checkpoint(tmp_path / "last.pt", ModelConfig(arch="smallcnn2", width=0.5))
+    assert init_encoder(tmp_path / "last.pt") == ("smallcnn2", 0.5)
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(InitError) as info:
+        init_encoder(tmp_path / "other.pth")
+    assert "\n" not in str(info.value) and "not of a torchvision ResNet" in str(info.value)

@@ -263,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="serve-load-"))
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="serve-load-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model or export_fresh(work, args.arch)
+    model_dir = args.model.resolve() if args.model else export_fresh(work, args.arch)  # the server runs in work/
     spec = ModelSpec.load(model_dir)
     files = image_files(max(args.index_size, 256))
     index_dir = work / f"index-{uuid.uuid4().hex[:6]}"

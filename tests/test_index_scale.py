@@ -306,3 +306,20 @@ def test_kill_during_compaction_leaves_the_last_base(tmp_path: Path) -> None:
         assert ix.stats()["base"]["generation"] == generation
     assert sorted(p.name for p in d.glob("base.*")) == unpublished
     assert os.path.exists(d / "index.sqlite")
+
+
+def test_best_k_orders_as_merge_top_k() -> None:
+    """The single-query fast path of the re-ranked base ranks exactly as the general merge: score
+    descending, ties by id ascending, missing candidates (-1) last."""
+    from index.layered import _NONE, best_k, merge_top_k
+
+    rng = np.random.default_rng(5)
+    for q in (1, 3):
+        scores = rng.choice(np.array([0.5, 0.7, 0.9], dtype=np.float32), size=(q, 40))  # many ties
+        ids = rng.permutation(1000)[: q * 40].reshape(q, 40).astype(np.int64)
+        ids[:, -5:] = -1
+        scores[:, -5:] = _NONE
+        got, want = best_k(scores, ids, 10), merge_top_k([(scores, ids)], 10)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+        top = sorted(zip(-scores[0], ids[0], strict=True))[:10]
+        assert got[1][0].tolist() == [i for _, i in top]

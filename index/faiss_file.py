@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 
 from embed.atomic import atomic_write
+from index.vector_index import unwrap, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def _locked(write):  # noqa: ANN001, ANN202 - a wrapper for atomic_write's callb
 
 def write_index(index: faiss.Index, path: Path) -> Path:
     # streamed into the file object: no second in-memory copy of a large index
-    return atomic_write(path, _locked(lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))))
+    return atomic_write(path, _locked(lambda f: faiss.write_index(unwrap(index), faiss.PyCallbackIOWriter(f.write))))
 
 
 def write_array(path: Path, shape: tuple[int, ...], dtype: str, chunks: Iterable[np.ndarray]) -> Path:
@@ -78,7 +79,7 @@ def write_array(path: Path, shape: tuple[int, ...], dtype: str, chunks: Iterable
 
 def read_index(path: Path, *, mmap: bool = True) -> faiss.Index:
     """RuntimeError when the file is missing, truncated or not a FAISS index."""
-    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    return wrap(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0))
 
 
 def read_array(path: Path) -> np.ndarray:

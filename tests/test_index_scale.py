@@ -323,3 +323,49 @@ def test_best_k_orders_as_merge_top_k() -> None:
         assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
         top = sorted(zip(-scores[0], ids[0], strict=True))[:10]
         assert got[1][0].tolist() == [i for _, i in top]
+
+
+def test_direct_sq_codes_rank_by_cosine_survive_a_file_and_clip(tmp_path: Path) -> None:
+    """ivfsq's DirectSQ: scores are cosines (to the codes' precision) whether or not they are re-ranked,
+    the scale travels in the file (memory-mapped read), a component past the training range clips
+    instead of wrapping around, and a file of the earlier per-dimension QT_8bit codes still opens."""
+    from index.faiss_file import read_index, write_index
+
+    rng = np.random.default_rng(11)
+    vecs = _clustered(6_000, 12)
+    ix = vi.train(vi.Plan("ivfsq", 60), vecs[:3_000])
+    assert isinstance(ix, vi.DirectSQ) and ix.ivf.sq.qtype == faiss.ScalarQuantizer.QT_8bit_direct_signed
+    assert ix.scale == pytest.approx(vi.SQ_DIRECT_LIMIT / np.abs(vecs[:3_000]).max())
+    ix.add_with_ids(vecs, np.arange(6_000, dtype=np.int64))
+    queries = vecs[rng.choice(6_000, 50, replace=False)] + 0.05 * rng.standard_normal((50, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    params = faiss.SearchParametersIVF(nprobe=60)  # every list: only the codes' precision is tested
+    scores, ids = ix.search(queries, 10, params=params)
+    exact = np.einsum("qd,qkd->qk", queries, vecs[ids])
+    assert np.abs(scores - exact).max() < 0.03
+    truth = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)]) > 0.9
+
+    write_index(ix, tmp_path / "b.faiss")
+    back = read_index(tmp_path / "b.faiss")  # memory-mapped
+    assert isinstance(back, vi.DirectSQ) and back.scale == ix.scale and back.ntotal == 6_000
+    again = back.search(queries, 10, params=params)
+    assert np.array_equal(again[1], ids) and np.allclose(again[0], scores)
+
+    loud = np.zeros((1, DIM), dtype=np.float32)
+    loud[0, 0] = 1.0  # far past the training sample's largest component
+    assert back.codes(loud)[0, 0] == vi.SQ_DIRECT_LIMIT
+    writable = read_index(tmp_path / "b.faiss", mmap=False)
+    writable.add_with_ids(loud, np.array([99_999]))
+    hit = writable.search(loud, 1, params=params)
+    assert hit[1][0, 0] == 99_999 and hit[0][0, 0] > 0  # a wrapped code would score it negative
+
+    old = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(DIM), DIM, 60, faiss.ScalarQuantizer.QT_8bit,
+                                        faiss.METRIC_INNER_PRODUCT)
+    old.train(vecs[:3_000])
+    old.add_with_ids(vecs, np.arange(6_000, dtype=np.int64))
+    write_index(old, tmp_path / "old.faiss")
+    reopened = read_index(tmp_path / "old.faiss")
+    assert not isinstance(reopened, vi.DirectSQ)
+    found = reopened.search(queries, 10, params=params)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]) > 0.9

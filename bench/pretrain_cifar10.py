@@ -35,6 +35,8 @@ from pretrain.evaluate import evaluate, load_encoder  # noqa: E402
 from pretrain.retrieval import precision_at_k  # noqa: E402
 from pretrain.train import train  # noqa: E402
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repository
+
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # For the 2-core AVX2 CPU, which has no bf16 units (bf16 autocast ran ~8x slower than fp32 there): smallcnn2
 # (stride-2 stem, 0.57M parameters) on 24 px views gets ~11 epochs into 10 minutes; evaluation runs at the
@@ -58,7 +60,7 @@ def ensure_data(root: Path, tarball: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="/tmp/cifar/cifar10", help="folder with train/ and test/")
-    p.add_argument("--tarball", default="/work/shared/data/cifar10-jpeg.tar.gz", help="extracted when --data is absent")
+    p.add_argument("--tarball", default=str(SHARED / "cifar10-jpeg.tar.gz"), help="extracted when --data is absent")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget")
     p.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead (0: --minutes)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

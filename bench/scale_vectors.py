@@ -13,7 +13,7 @@ vectors, as a user's photo of something already in the collection would be.
 
 Everything is cached under SCRATCH/vectors/<model fingerprint>/ (one .npy per round), so a
 killed run resumes at the round it was in and a second bench run reads the cache. Without
---model, /work/main/demo-run/*/model (the demo's model) is used when it exists, else one is
+--model, demo-run/*/model in the repository (the demo's model) is used when it exists, else one is
 trained for --train-minutes with the demo's CPU preset and exported.
 """
 

@@ -1,4 +1,9 @@
-"""The re-embedding transactions of an index (driven by index/reembed.py), a part of ImageIndex.
+"""The model an index belongs to, and the re-embedding transactions that change it (driven by
+index/reembed.py): two parts of ImageIndex.
+
+`bind_model` declares the model whose vectors a handle writes (index/identity.py decides whether
+the index is that model's); from then on every write of the handle is refused once the index
+belongs to another model, e.g. after another process's switch.
 
 A re-embedding fills the table `reembed_vectors` in committed batches (`begin_reembed`,
 `stage_reembed`) that readers never see; `switch_reembed` then swaps every vector, the model
@@ -13,14 +18,14 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from embed.spec import ModelSpec
-from index import compaction
+from index import compaction, identity
 from index.faiss_file import remove_stale
 from index.generation import load_index
 from index.identity import ModelIdentity
@@ -32,6 +37,49 @@ logger = logging.getLogger(__name__)
 # what the item a re-embedding could not embed again becomes: dropped, with this record in the summary
 Dropped = dict[str, Any]  # {"id", "path", "reason", "message"}
 Staged = tuple[int, "np.ndarray | None", "Dropped | None"]
+
+
+class ModelBinding:
+    """Mixed into ImageIndex: uses its connection, locks, metadata and write path."""
+
+    def bind_model(self, spec: ModelSpec | ModelIdentity) -> str:
+        """Declare the model whose vectors this handle writes; returns the verdict of `identity.check`.
+
+        Raises IndexModelMismatch when the index belongs to another model. An index with no
+        fingerprint yet (just created, or built before fingerprints existed) records this one's.
+        From now on every write on this handle is refused once the index belongs to another model.
+        """
+        given = spec if isinstance(spec, ModelIdentity) else ModelIdentity.of_spec(spec)
+        with self._rw.write(), self._db:
+            verdict = identity.check(self.meta, given, directory=self.directory)
+            self._model = given
+            fresh = not self.meta.get("model_history") and self._index.ntotal == 0
+        if verdict == identity.ADOPT:
+            if not fresh:
+                identity.warn_if_unverified(verdict, self.directory, given)
+            self._adopt(given, adopted=not fresh)
+        else:
+            identity.warn_if_unverified(verdict, self.directory, given)
+        return verdict
+
+    def _adopt(self, given: ModelIdentity, *, adopted: bool) -> None:
+        try:
+            self._acquire_tx()
+            with self._rw.write(), self._db:
+                self._begin()  # re-checks against the latest commit
+                if not self.meta.get("model_fingerprint"):
+                    updates = {"model_fingerprint": given.fingerprint, "vector_generation": 1,
+                               "model_history": [history_entry(given, 1, self.generation, adopted=adopted)]}
+                    write_meta(self._conn, updates)
+                    self.meta.update(updates)
+            self.commit()
+        except sqlite3.OperationalError as e:  # a read-only index still serves
+            self.rollback()
+            logger.warning("cannot record the model fingerprint in %s: %s", self.directory, e)
+
+    def _check_model(self, meta: Mapping[str, Any]) -> None:
+        if self._model is not None:
+            identity.check(meta, self._model, directory=self.directory)
 
 
 class ReembedTransactions:

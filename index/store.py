@@ -2,20 +2,22 @@
 
     INDEX_DIR/
       index.sqlite            the source of truth (WAL, synchronous=FULL): one row per item with
-                              its float32 vector, the metadata table, the trained IVF if any
-      vectors.<G>.faiss       a cache of the FAISS index, written atomically after commit number G
+                              its float32 vector, the metadata, the removal log, the training
+      base.<G>.faiss, .ids.npy, .vectors.npy
+                              the base snapshot of commit G (memory-mapped; written by compaction)
 
-Every `commit()` is one SQLite transaction that also increments the generation G; only then is the
-FAISS file for G written (embed/atomic.py: temporary file + fsync + os.replace). On open, a missing
-FAISS file for the current G (a crash between the two steps) or one whose size disagrees with the
-rows is rebuilt from the rows. So after kill -9 at any moment the directory opens, and the FAISS
-ids are exactly the SQLite row ids. Changes not yet committed are lost by a crash, never half-applied.
+Every `commit()` is one SQLite transaction that increments the generation. Searches run over the
+base snapshot plus an in-memory delta of the rows committed since it, minus the ids removed since
+(index/layered.py); a compaction (index/compaction.py) writes a new base in the background and
+publishes it in one transaction. After kill -9 at any moment the directory opens with every
+committed row, and the FAISS ids are exactly the SQLite row ids; changes not yet committed are
+lost, never half-applied. The read side (lookups, `search`, `stats`) is index/reads.py.
 
 Thread safety: a readers-writer lock; searches and reads run concurrently, writes are exclusive.
 Several processes may write one index (SQLite serialises their transactions); a writer that finds
 another's commit reloads first. `refresh()` lets a long-lived reader pick up others' commits: the
 new generation is loaded on a private connection with no lock held and swapped in under a short
-write lock, so searches never wait for a load (index/generation.py).
+write lock, so searches never wait for a load (index/following.py, index/generation.py).
 
 Model identity (index/identity.py): the metadata records the model that wrote the vectors
 (`model_fingerprint`, `model_name`, `model_version`, `dim`), a `vector_generation` number and a
@@ -24,7 +26,7 @@ every write (IndexModelMismatch) once the index belongs to another model, e.g. a
 process's `--reembed` switch, so vectors of two models never meet in one index. A re-embedding
 fills the table `reembed_vectors` in committed batches (`begin_reembed`, `stage_reembed`); readers
 keep the old vectors until `switch_reembed` swaps all of them, the identity and the generation in
-one transaction.
+one transaction (index/reembed_tx.py).
 """
 
 from __future__ import annotations
@@ -41,18 +43,16 @@ from typing import Any
 
 import numpy as np
 
-from embed.spec import ModelSpec
-from index import compaction, identity, tuning, whitening
+from index import compaction, tuning, whitening
 from index import vector_index as vi
 from index.budget import parse_bytes
 from index.dir_init import create_in_place
 from index.following import FollowingCommits
 from index.generation import Snapshot, load_index, read_changes, same_base
 from index.identity import IndexModelMismatch, ModelIdentity
-from index.index_stats import vector_index_stats
-from index.ranked import filtered_nprobe, top_n
-from index.records import COLUMNS, Hit, IndexedFile, ItemRecord, record_from_row, record_values
-from index.reembed_tx import Dropped, ReembedTransactions, Staged, history_entry
+from index.reads import IndexReads
+from index.records import Hit, ItemRecord, record_values
+from index.reembed_tx import Dropped, ModelBinding, ReembedTransactions, Staged
 from index.rwlock import RWLock
 from index.schema import (
     DB_FILE,
@@ -65,7 +65,6 @@ from index.schema import (
     read_meta,
     write_meta,
 )
-from index.selectors import IdSet, search_selector, with_selector
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def _check_target(target: float) -> float:
 
 
 
-class ImageIndex(FollowingCommits, ReembedTransactions):
+class ImageIndex(IndexReads, FollowingCommits, ModelBinding, ReembedTransactions):
     """Vectors + records; see the module docstring for the files and the crash-safety argument."""
 
     def __init__(self, directory: Path, conn: sqlite3.Connection) -> None:
@@ -163,46 +162,6 @@ class ImageIndex(FollowingCommits, ReembedTransactions):
     def model(self) -> ModelIdentity:
         """The model that wrote the vectors, as the index records it."""
         return ModelIdentity.of_index(self.meta)
-
-    # -- model identity ----------------------------------------------------------------------
-    def bind_model(self, spec: ModelSpec | ModelIdentity) -> str:
-        """Declare the model whose vectors this handle writes; returns the verdict of `identity.check`.
-
-        Raises IndexModelMismatch when the index belongs to another model. An index with no
-        fingerprint yet (just created, or built before fingerprints existed) records this one's.
-        From now on every write on this handle is refused once the index belongs to another model.
-        """
-        given = spec if isinstance(spec, ModelIdentity) else ModelIdentity.of_spec(spec)
-        with self._rw.write(), self._db:
-            verdict = identity.check(self.meta, given, directory=self.directory)
-            self._model = given
-            fresh = not self.meta.get("model_history") and self._index.ntotal == 0
-        if verdict == identity.ADOPT:
-            if not fresh:
-                identity.warn_if_unverified(verdict, self.directory, given)
-            self._adopt(given, adopted=not fresh)
-        else:
-            identity.warn_if_unverified(verdict, self.directory, given)
-        return verdict
-
-    def _adopt(self, given: ModelIdentity, *, adopted: bool) -> None:
-        try:
-            self._acquire_tx()
-            with self._rw.write(), self._db:
-                self._begin()  # re-checks against the latest commit
-                if not self.meta.get("model_fingerprint"):
-                    updates = {"model_fingerprint": given.fingerprint, "vector_generation": 1,
-                               "model_history": [history_entry(given, 1, self.generation, adopted=adopted)]}
-                    write_meta(self._conn, updates)
-                    self.meta.update(updates)
-            self.commit()
-        except sqlite3.OperationalError as e:  # a read-only index still serves
-            self.rollback()
-            logger.warning("cannot record the model fingerprint in %s: %s", self.directory, e)
-
-    def _check_model(self, meta: Mapping[str, Any]) -> None:
-        if self._model is not None:
-            identity.check(meta, self._model, directory=self.directory)
 
     # -- writing -----------------------------------------------------------------------------
     def _acquire_tx(self) -> None:
@@ -413,144 +372,3 @@ class ImageIndex(FollowingCommits, ReembedTransactions):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- reading -----------------------------------------------------------------------------
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._db:
-            return self._conn.execute(sql, args).fetchall()
-
-    def get(self, id: int) -> ItemRecord | None:
-        with self._rw.read():
-            rows = self._query(f"SELECT {COLUMNS} FROM items WHERE id = ?", (int(id),))
-        return record_from_row(rows[0]) if rows else None
-
-    def get_by_path(self, path: str) -> ItemRecord | None:
-        with self._rw.read():
-            rows = self._query(f"SELECT {COLUMNS} FROM items WHERE path = ? ORDER BY id LIMIT 1", (path,))
-        return record_from_row(rows[0]) if rows else None
-
-    def find_by_sha256(self, sha256: str) -> list[ItemRecord]:
-        """Every record whose file content has this sha256 (oldest first); [] when none."""
-        with self._rw.read():
-            rows = self._query(f"SELECT {COLUMNS} FROM items WHERE sha256 = ? ORDER BY id", (sha256,))
-        return [record_from_row(r) for r in rows]
-
-    def records(self) -> list[ItemRecord]:
-        with self._rw.read():
-            return [record_from_row(r) for r in self._query(f"SELECT {COLUMNS} FROM items ORDER BY id")]
-
-    def files(self) -> list[IndexedFile]:
-        """(id, path, size, mtime, sha256) of every item: what an incremental build compares against."""
-        with self._rw.read():
-            rows = self._query("SELECT id, path, size, mtime, sha256 FROM items ORDER BY id")
-        return [IndexedFile(*r) for r in rows]
-
-    def vector(self, id: int) -> np.ndarray | None:
-        with self._rw.read():
-            rows = self._query("SELECT vector FROM items WHERE id = ?", (int(id),))
-        return np.frombuffer(rows[0][0], dtype="<f4").astype(np.float32) if rows else None
-
-    def ids(self) -> list[int]:
-        with self._rw.read():
-            return [r[0] for r in self._query("SELECT id FROM items ORDER BY id")]
-
-    def __len__(self) -> int:
-        with self._rw.read():
-            return int(self._index.ntotal)
-
-    def search(
-        self, queries: np.ndarray, k: int, *, params: dict[str, Any] | None = None,
-        allowed_ids: IdSet | Iterable[int] | np.ndarray | None = None, exclude_ids: Iterable[int] | None = None,
-        offset: int = 0, min_score: float | None = None,
-    ) -> list[list[Hit]]:
-        """Top-`k` by inner product for each query [Q, D], after the best `offset`.
-
-        `params` e.g. {"nprobe": 32} for IVF. `allowed_ids` (a filter's ids, index/filters.py) and
-        `exclude_ids` (e.g. the item searched by) are applied inside the FAISS scan (an ID selector),
-        so k hits come back whenever k items pass. On IVF a filter scans nprobe / (fraction passing)
-        lists, and every list when that still finds fewer than k. `min_score` drops hits under that
-        cosine. Hits are ordered by score, then id (index/ranked.py): the pages of one query at the
-        same parameters are disjoint and together the top of one search.
-        """
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim == 1:
-            queries = queries[None]
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
-        allowed = None if allowed_ids is None else IdSet.of(allowed_ids)
-        exclude = None if exclude_ids is None else np.unique(np.fromiter((int(i) for i in exclude_ids), np.int64))
-        with self._rw.read():  # the dimension is checked under the lock: a re-embedding may change it
-            if queries.ndim != 2 or queries.shape[1] != self.dim:
-                raise ValueError(f"expected queries [Q, {self.dim}], got {list(queries.shape)}")
-            kind = self.meta["index_kind"]
-            sp = vi.search_parameters(kind, params, {"nprobe": int(self.meta["nprobe"]),
-                                                     "k_factor": int(self.meta["k_factor"])})
-            ntotal, n = self._index.ntotal, offset + k
-            if ntotal == 0 or (allowed is not None and allowed.count == 0):
-                return [[] for _ in range(len(queries))]
-            ivf_filtered = allowed is not None and kind in vi.IVF_KINDS
-            if ivf_filtered:
-                sp.nprobe = filtered_nprobe(sp.nprobe, int(self.meta["nlist"]), allowed.count, ntotal)
-            sp = with_selector(sp, search_selector(allowed, exclude))
-
-            def run(q: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-                return self._index.search(q, m, params=sp)
-
-            rows = top_n(run, queries, n, ntotal)
-            passing = min(n, allowed.count - (int(allowed.contains(exclude).sum()) if exclude is not None else 0)
-                          if allowed is not None else ntotal)
-            if ivf_filtered and sp.nprobe < int(self.meta["nlist"]) and any(len(i) < passing for _, i in rows):
-                sp.nprobe = int(self.meta["nlist"])  # the filter's items sit in other lists: scan them all
-                rows = top_n(run, queries, n, ntotal)
-            rows = [(s[offset:], i[offset:]) for s, i in rows]
-            if min_score is not None:
-                # whitened scores are cosines in the whitened space; `min_score` stays a raw cosine,
-                # the scale duplicate thresholds use too (index/README.md, "Whitening")
-                sims = [s for s, _ in rows] if self._index.whitening is None else self._raw_cosines(queries, rows)
-                rows = [(s[c >= min_score], i[c >= min_score]) for (s, i), c in zip(rows, sims, strict=True)]
-            wanted = sorted({int(i) for _, irow in rows for i in irow})
-            found: dict[int, ItemRecord] = {}
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in self._query(f"SELECT {COLUMNS} FROM items WHERE id IN ({marks})", tuple(chunk)):
-                    found[int(row[0])] = record_from_row(row)
-        return [
-            [Hit(int(i), float(s), found[int(i)]) for s, i in zip(srow, irow, strict=True) if int(i) in found]
-            for srow, irow in rows
-        ]
-
-    def _raw_cosines(self, queries: np.ndarray, rows: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """The plain cosine of each query with each of its hits' stored vectors (under the read lock)."""
-        wanted = sorted({int(i) for _, irow in rows for i in irow})
-        stored: dict[int, np.ndarray] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for i, blob in self._query(f"SELECT id, vector FROM items WHERE id IN ({marks})", tuple(chunk)):
-                v = np.frombuffer(blob, dtype="<f4")
-                stored[int(i)] = v / max(float(np.linalg.norm(v)), 1e-12)
-        q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        return [np.array([float(q[j] @ stored[int(i)]) if int(i) in stored else -np.inf for i in irow])
-                for j, (_, irow) in enumerate(rows)]
-
-    def stats(self) -> dict[str, Any]:
-        with self._rw.read():
-            files = [p for p in self.directory.iterdir() if p.is_file()]
-            return {
-                "directory": str(self.directory), "count": int(self._index.ntotal), "dim": self.dim,
-                "index_kind": self.meta["index_kind"], "index_mode": self.meta["index_mode"],
-                "flat_max": int(self.meta["flat_max"]), "nlist": int(self.meta["nlist"]),
-                "nprobe": int(self.meta["nprobe"]), "generation": int(self.meta["generation"]),
-                "model_name": self.meta["model_name"], "model_version": int(self.meta["model_version"]),
-                "model_fingerprint": self.meta.get("model_fingerprint") or "",
-                "vector_generation": int(self.meta.get("vector_generation") or 1),
-                "model_history": self.meta.get("model_history") or [],
-                "reembed_in_progress": self.meta.get("reembed") or None,
-                "root": self.meta["root"], "created_at": float(self.meta["created_at"]),
-                "uncommitted": self._in_tx, "bytes_on_disk": sum(p.stat().st_size for p in files),
-                "info": {k[5:]: v for k, v in self.meta.items() if k.startswith("info.")},
-                **vector_index_stats(self.directory, self.meta, self._index, self.dim),
-            }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,3 +30,14 @@ def chrome(profile: Path, width: int, height: int) -> Any:
                 "--disable-dev-shm-usage", f"--window-size={width},{height}", f"--user-data-dir={profile}"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def keep_screenshot(driver: Any, name: str, tmp_path: Path) -> None:
+    """A screenshot of the page into tmp_path/name (asserting it was taken), copied to docs/name (the
+    README's image) when that is missing or UPDATE_SCREENSHOTS=1."""
+    shot = tmp_path / name
+    assert driver.save_screenshot(str(shot))
+    docs = Path(__file__).resolve().parents[1] / "docs" / name
+    if not docs.exists() or os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        docs.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, docs)

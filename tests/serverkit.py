@@ -19,6 +19,16 @@ CIFAR_TEST = sorted((DATA / "cifar10-sample" / "test").glob("*/*.jpg"))
 MESSY = sorted(p for p in (DATA / "messy").iterdir() if p.name != "README.md")
 
 
+def wait_until(what: str, predicate, timeout_s: float = 30.0, poll_s: float = 0.05) -> float:  # noqa: ANN001
+    """Seconds until `predicate()` held; AssertionError naming `what` when it did not within timeout_s."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(poll_s)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

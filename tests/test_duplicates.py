@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browserkit import chrome, needs_chromium
+from browserkit import chrome, keep_screenshot, needs_chromium
 from fastapi.testclient import TestClient
 from near_copies import TRANSFORMS
 from serverkit import CIFAR_TEST, DATA
@@ -210,7 +210,6 @@ def test_grouping_is_centred_not_chained() -> None:
     assert sorted(groups) == [0, 1] and (2, pytest.approx(0.985)) in groups[1]
 
 
-SCREENSHOT = DATA.parent.parent / "docs" / "duplicates-page.png"
 KEY = "dup-key"
 
 
@@ -243,9 +242,7 @@ def test_duplicates_page_shows_groups_and_deletes_all_but_one(index_copy: Path, 
             WebDriverWait(driver, 30).until(lambda d: d.execute_script(
                 "return [...document.querySelectorAll('.group:first-child img')]"
                 ".every(i => i.complete && i.naturalWidth > 0)"))
-            assert driver.save_screenshot(str(tmp_path / "duplicates-page.png"))
-            if not SCREENSHOT.exists() or __import__("os").environ.get("UPDATE_SCREENSHOTS") == "1":
-                shutil.copyfile(tmp_path / "duplicates-page.png", SCREENSHOT)
+            keep_screenshot(driver, "duplicates-page.png", tmp_path)
             # "more groups" pages through the rest
             while driver.find_element(By.ID, "more").is_displayed():
                 before = len(driver.find_elements(By.CSS_SELECTOR, ".group"))

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import torch
 from export_checkpoints import make_checkpoint
-from serverkit import CIFAR_TEST, CIFAR_TRAIN, REPO, LiveServer, clean_env, free_port
+from serverkit import CIFAR_TEST, CIFAR_TRAIN, REPO, LiveServer, clean_env, free_port, wait_until
 from tinymodel import write_tiny_model_dir
 
 from embed.backends import open_backend
@@ -98,13 +98,6 @@ class SearchLoop:
         return sum(n for status, n in self.statuses.items() if status != "200")
 
 
-def _wait(what: str, predicate, timeout_s: float = 30.0) -> float:  # noqa: ANN001
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def _retrained(ckpt: Path, out: Path, seed: int) -> Path:
@@ -149,11 +142,11 @@ def test_retrain_reexport_reembed_while_serving(tmp_path: Path) -> None:
         assert reembed.returncode == 0, reembed.stderr
         # the server follows: the new model (re-read from the re-published model directory) and the
         # new vectors together; it answered from the old pair until then
-        _wait("the server serves the new model",
+        wait_until("the server serves the new model",
               lambda: _metric(c, 'simsearch_index_reloads_total{what="model"}') == 1
               and c.get("/readyz").status_code == 200)
         assert _metric(c, "simsearch_index_model_mismatch") == 0
-        _wait("more searches after the switch", lambda: loop.statuses["200"] > before + 20)
+        wait_until("more searches after the switch", lambda: loop.statuses["200"] > before + 20)
         top = _search(c, folder / CIFAR_TRAIN[0].parent.name / CIFAR_TRAIN[0].name)[0]
         assert top["path"] == f"{CIFAR_TRAIN[0].parent.name}/{CIFAR_TRAIN[0].name}" and top["score"] > 0.9999
     assert loop.failed == 0 and loop.statuses["200"] > 50, loop.statuses
@@ -224,7 +217,7 @@ def test_serve_first_then_index_build_into_it(model_dir: Path, tmp_path: Path) -
             built = _build(folder, index, model_dir)
             assert built.returncode == 0, built.stderr
         first = folder / CIFAR_TRAIN[200].parent.name / CIFAR_TRAIN[200].name
-        _wait("the folder's files are served", lambda: _search(c, first)[0]["path"].endswith(first.name),
+        wait_until("the folder's files are served", lambda: _search(c, first)[0]["path"].endswith(first.name),
               LATENCY_S + 1)
         assert c.get("/readyz").json()["items"] == 10
         for p, item_id in zip(uploads, ids, strict=True):
@@ -252,7 +245,7 @@ def test_a_server_whose_model_lags_behind_a_switch_degrades_then_recovers(tmp_pa
             httpx.Client(base_url=server.url, timeout=30) as c, SearchLoop(server.url, CIFAR_TEST[:10]) as loop:
         # the index moves to model b, but the server's model directory still holds a
         assert _build(folder, index, b, "--reembed").returncode == 0
-        _wait("not ready", lambda: c.get("/readyz").status_code == 503)
+        wait_until("not ready", lambda: c.get("/readyz").status_code == 503)
         ready = c.get("/readyz").json()
         assert ready["checks"]["model_matches_index"] is False
         assert "--reembed" in ready["detail"]["model_matches_index"]
@@ -264,7 +257,7 @@ def test_a_server_whose_model_lags_behind_a_switch_degrades_then_recovers(tmp_pa
         link = tmp_path / ".model.new"
         link.symlink_to(b.name)
         os.replace(link, current)
-        _wait("ready again", lambda: c.get("/readyz").status_code == 200, timeout_s=20)
+        wait_until("ready again", lambda: c.get("/readyz").status_code == 200, timeout_s=20)
         assert _metric(c, "simsearch_index_model_mismatch") == 0
         r = c.post("/v1/items", files={"file": (upload.name, upload.read_bytes(), "image/jpeg")})
         assert r.status_code == 201, r.text

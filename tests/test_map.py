@@ -10,7 +10,6 @@ whose neighbourhoods mean something (the fixture's model is untrained).
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +17,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from browserkit import chrome, needs_chromium
+from browserkit import chrome, keep_screenshot, needs_chromium
 from fastapi.testclient import TestClient
-from serverkit import CIFAR_TRAIN, REPO, LiveServer
+from serverkit import CIFAR_TRAIN, LiveServer
 
 from index.layout import compute_layout, read_sample, resolve_method
 from index.store import ImageIndex
 from server.app import create_app
 from server.settings import Settings
-
-SCREENSHOT = REPO / "docs" / "map-page.png"
 
 
 def _clusters(n_per: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -190,9 +187,6 @@ def test_map_page_click_searches_by_the_item(model_dir: Path, tmp_path: Path) ->
             assert after != before
             driver.find_element(By.ID, "zoom-reset").click()
             time.sleep(0.3)
-            assert driver.save_screenshot(str(tmp_path / "map-page.png"))
-            if not SCREENSHOT.exists() or os.environ.get("UPDATE_SCREENSHOTS") == "1":
-                SCREENSHOT.parent.mkdir(exist_ok=True)
-                shutil.copyfile(tmp_path / "map-page.png", SCREENSHOT)
+            keep_screenshot(driver, "map-page.png", tmp_path)
         finally:
             driver.quit()

@@ -10,14 +10,11 @@ neighbours mean something — the fixture's model is untrained.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import httpx
-from browserkit import chrome, needs_chromium
-from serverkit import CIFAR_TEST, CIFAR_TRAIN, REPO, LiveServer
-
-SCREENSHOT = REPO / "docs" / "search-page.png"
+from browserkit import chrome, keep_screenshot, needs_chromium
+from serverkit import CIFAR_TEST, CIFAR_TRAIN, LiveServer
 
 pytestmark = needs_chromium
 
@@ -48,9 +45,6 @@ def test_pick_an_image_and_see_neighbours(model_dir: Path, tmp_path: Path) -> No
             scores = [float(e.text) for e in driver.find_elements(By.CSS_SELECTOR, "#results .score")]
             assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1] <= scores[0] <= 1.0001
             assert "neighbours in" in driver.find_element(By.ID, "message").text
-            assert driver.save_screenshot(str(tmp_path / "search-page.png"))
-            if not SCREENSHOT.exists() or os.environ.get("UPDATE_SCREENSHOTS") == "1":
-                SCREENSHOT.parent.mkdir(exist_ok=True)
-                shutil.copyfile(tmp_path / "search-page.png", SCREENSHOT)
+            keep_screenshot(driver, "search-page.png", tmp_path)
         finally:
             driver.quit()

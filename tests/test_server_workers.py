@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverkit import CIFAR_TEST, CIFAR_TRAIN, LiveServer
+from serverkit import CIFAR_TEST, CIFAR_TRAIN, LiveServer, wait_until
 from tinymodel import write_tiny_model_dir
 
 from index.store import ImageIndex
@@ -94,12 +94,7 @@ def _sample(metrics: str, name: str) -> float:
 
 
 def _until(what: str, predicate, timeout_s: float) -> float:  # noqa: ANN001
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
+    return wait_until(what, predicate, timeout_s, poll_s=0.02)  # a tight poll: these measure latencies
 
 
 def test_a_write_through_one_worker_is_searchable_through_the_other(tiny_model: Path, tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ In one run on this machine:
 2. the in-process limit: decode + preprocess + ONNX Runtime in one process with the server's
    threads (`--decode-workers` decoding threads, the same ORT threads, batches of `--batch-size`;
    `embed.Embedder`, what `index build` runs), from the same JPEG bytes the clients send, no HTTP:
-   what the server could deliver if HTTP cost nothing;
+   what the server could deliver if HTTP cost nothing; measured again after the server, and the
+   ratios taken to the mean of the two (this machine's speed drifts by as much as the goal's margin);
 3. a real server (`python -m simsearch serve`, `--workers` processes) over a small index, and for
    1, 8 and 32 concurrent clients, each sending one image per request (multipart, keep-alive)
    for `--seconds` (at most `--max-requests`): requests/s, p50, p99, server CPU per request (all
@@ -300,25 +301,40 @@ def main(argv: list[str] | None = None) -> int:
                 break
         for c in [int(x) for x in args.clients.split(",")]:
             cpu0, (img0, calls0) = cpu_seconds(proc.pid), batch_totals(port, args.workers)
+            client0 = time.process_time()
             r = asyncio.run(run_level(port, requests, c, args.seconds, args.max_requests))
+            client1 = time.process_time()
             cpu1, (img1, calls1) = cpu_seconds(proc.pid), batch_totals(port, args.workers)
             r["server_cpu_ms_per_request"] = 1000 * (cpu1 - cpu0) / max(r["requests"], 1)
+            r["client_cpu_ms_per_request"] = 1000 * (client1 - client0) / max(r["requests"], 1)
             r["mean_batch"] = (img1 - img0) / max(calls1 - calls0, 1)
-            r["of_limit"] = r["rps"] / limit
-            r["of_raw"] = r["rps"] / raw[best_bs]
-            # what the ratio comes to when server and limit are both bound by the same cores' CPU:
-            # the least load-dependent figure on a shared machine (the load generator not counted)
-            r["cpu_ratio"] = limit_cpu / max(r["server_cpu_ms_per_request"], 1e-9)
             r["load"] = load_average()
             levels.append(r)
-            print(f"server {path} {c:>3} clients: {r['rps']:8.1f} req/s ({r['of_limit']:.0%} of the limit, "
-                  f"{r['of_raw']:.0%} of raw)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  mean batch "
-                  f"{r['mean_batch']:5.1f}  server CPU {r['server_cpu_ms_per_request']:.2f} ms/req (limit's CPU/image "
-                  f"/ this: {r['cpu_ratio']:.0%})  requests by "
-                  f"worker {r['by_worker']}  ({r['requests']} requests, {r['errors']} errors)  load {r['load']}",
-                  flush=True)
+            print(f"server {path} {c:>3} clients: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 "
+                  f"{r['p99_ms']:7.2f} ms  load {r['load']}", flush=True)
+    # the limit again after the server: this machine's speed drifts by 10-15% within minutes, as much
+    # as the goal's margin, so the ratios are to the mean of the two measurements around the server's
+    limit_after, limit_cpu_after = inprocess_limit(model_dir, datas, args.threads, args.batch_size,
+                                                   args.decode_workers, args.limit_seconds)
+    print(f"in-process limit again: {limit_after:8.1f} images/s ({limit_cpu_after:.2f} CPU ms/image)  "
+          f"load {load_average()}", flush=True)
+    limits = (limit, limit_after)
+    limit, limit_cpu = (limit + limit_after) / 2, (limit_cpu + limit_cpu_after) / 2
+    for r in levels:
+        r["of_limit"] = r["rps"] / limit
+        r["of_raw"] = r["rps"] / raw[best_bs]
+        # what the ratio comes to when server and limit are both bound by the same cores' CPU:
+        # the least load-dependent figure on a shared machine (the load generator not counted)
+        r["cpu_ratio"] = limit_cpu / max(r["server_cpu_ms_per_request"], 1e-9)
+        print(f"server {path} {r['clients']:>3} clients: {r['rps']:8.1f} req/s ({r['of_limit']:.0%} of the limit, "
+              f"{r['of_raw']:.0%} of raw)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  mean batch "
+              f"{r['mean_batch']:5.1f}  server CPU {r['server_cpu_ms_per_request']:.2f} ms/req (limit's CPU/image "
+              f"/ this: {r['cpu_ratio']:.0%}), load generator CPU {r['client_cpu_ms_per_request']:.2f} ms/req  "
+              f"requests by worker {r['by_worker']}  ({r['requests']} requests, {r['errors']} errors)  "
+              f"load {r['load']}", flush=True)
     at32 = next((r for r in levels if r["clients"] == 32), levels[-1])
-    print(f"raw onnxruntime best: {raw[best_bs]:.1f} images/s at batch {best_bs}; in-process limit {limit:.1f} images/s")
+    print(f"raw onnxruntime best: {raw[best_bs]:.1f} images/s at batch {best_bs}; in-process limit {limit:.1f} "
+          f"images/s (mean of {limits[0]:.1f} before the server and {limits[1]:.1f} after)")
     print(f"at {at32['clients']} clients, {args.workers} worker(s): {at32['of_limit']:.1%} of the in-process limit "
           f"(goal >= 80%), {at32['of_raw']:.1%} of raw onnxruntime; p50 {at32['p50_ms']:.1f} ms, "
           f"p99 {at32['p99_ms']:.1f} ms; CPU-bound estimate {at32['cpu_ratio']:.1%} ({limit_cpu:.2f} CPU ms/image in "
@@ -328,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "ort_threads": args.threads, "decode_workers": args.decode_workers,
         "server_batch_size": args.batch_size, "server_batch_wait_ms": args.batch_wait_ms, "inference_nice": args.nice,
         "raw_images_per_s": {str(k): round(v, 1) for k, v in raw.items()}, "raw_best_batch": best_bs,
-        "inprocess_limit_images_per_s": round(limit, 1), "inprocess_cpu_ms_per_image": round(limit_cpu, 3),
+        "inprocess_limit_images_per_s": round(limit, 1), "inprocess_limit_before_after": [round(x, 1) for x in limits], "inprocess_cpu_ms_per_image": round(limit_cpu, 3),
         "levels": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in levels],
         "of_limit_at_32": round(at32["of_limit"], 3), "cpu_ratio_at_32": round(at32["cpu_ratio"], 3),
         "goal_of_limit": 0.8,

@@ -24,7 +24,7 @@ from embed.backends.base import Backend
 from index.identity import IndexModelMismatch
 from server.body_limit import BodySizeLimitMiddleware
 from server.errors import ErrorResponse, install_error_handlers
-from server.fastpath import EmbedFastPath
+from server.fastpath import SimsearchAPI
 from server.metrics import Metrics, MetricsMiddleware
 from server.routes import duplicates, embed, health, items, page, search
 from server.routes import map as map_view
@@ -77,7 +77,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
             await run_in_threadpool(close_resources, res)
             log.info("stopped; index committed")
 
-    app = FastAPI(
+    app = SimsearchAPI(
         title="simsearch",
         version="1",
         description=DESCRIPTION,
@@ -96,8 +96,8 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> FastAPI
     app.include_router(map_view.router)
     page.mount_static(app)
 
-    # added innermost first: metrics sees everything, including 413s from the body limit
-    app.add_middleware(EmbedFastPath, state=app.state)
+    # added innermost first: metrics sees everything, including 413s from the body limit.
+    # SimsearchAPI answers multipart POST /v1/embed before these, doing their part itself (fastpath.py)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(

@@ -129,9 +129,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return _json(422, ErrorResponse(detail=detail, reason="invalid_request", errors=items))
 
 
+def internal_error_response() -> JSONResponse:
+    """The 500 answer to an unexpected exception (logged with its traceback by whoever caught it)."""
+    return _json(500, ErrorResponse(detail="internal error; see the server log", reason="internal_error"))
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Starlette logs the exception with its traceback after this answer is sent
-    return _json(500, ErrorResponse(detail="internal error; see the server log", reason="internal_error"))
+    return internal_error_response()
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -17,9 +17,11 @@ from serverkit import CIFAR_TEST
 from tinymodel import write_tiny_model_dir
 
 import server.fastpath
+import server.routes.embed
 from server.app import create_app
 from server.routes.embed import wants_npy
 from server.settings import Settings
+from server.worker_header import WORKER_HEADER
 
 NPY = "application/x-npy"
 
@@ -83,6 +85,8 @@ def test_the_fast_path_and_the_route_answer_alike(client: TestClient, fast_calls
     assert fast.status_code == routed.status_code == b64.status_code == 200
     assert fast.content == routed.content == b64.content
     assert fast.headers["content-type"] == routed.headers["content-type"]
+    assert fast.headers["content-length"] == routed.headers["content-length"]
+    assert fast.headers[WORKER_HEADER] == routed.headers[WORKER_HEADER] == str(os.getpid())
 
     # errors: the same status and body either way
     bad_bodies = [
@@ -104,6 +108,25 @@ def test_the_fast_path_and_the_route_answer_alike(client: TestClient, fast_calls
     line = next(ln for ln in metrics.splitlines()
                 if ln.startswith('simsearch_http_requests_total{method="POST",route="/v1/embed",status="200"}'))
     assert float(line.split()[-1]) == 3.0  # fast, cross-origin, JSON
+
+
+def test_an_unexpected_failure_is_the_same_500_on_both_paths(
+    client: TestClient, fast_calls: list[int], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.routes.embed, "answer", broken)
+    fast = client.post("/v1/embed", files=_files(CIFAR_TEST[:1]))
+    assert fast_calls == [1]
+    assert "a bug" in caplog.text  # logged with its traceback
+    lenient = TestClient(client.app, raise_server_exceptions=False)  # no `with`: the app is already started
+    routed = lenient.post("/v1/embed", files=_files(CIFAR_TEST[:1]), headers={"Origin": "https://example.org"})
+    assert fast.status_code == routed.status_code == 500
+    assert fast.json() == routed.json() and fast.json()["reason"] == "internal_error"
+    assert fast.headers[WORKER_HEADER] == str(os.getpid())
+    metrics = client.get("/metrics").text
+    assert 'simsearch_http_requests_total{method="POST",route="/v1/embed",status="500"} 2.0' in metrics
 
 
 def test_accept_negotiation() -> None:

@@ -12,8 +12,7 @@ In one run on this machine:
 2. the in-process limit: decode + preprocess + ONNX Runtime in one process with the server's
    threads (`--decode-workers` decoding threads, the same ORT threads, batches of `--batch-size`;
    `embed.Embedder`, what `index build` runs), from the same JPEG bytes the clients send, no HTTP:
-   what the server could deliver if HTTP cost nothing; measured again after the server, and the
-   ratios taken to the mean of the two (this machine's speed drifts by as much as the goal's margin);
+   what the server could deliver if HTTP cost nothing;
 3. a real server (`python -m simsearch serve`, `--workers` processes) over a small index, and for
    1, 8 and 32 concurrent clients, each sending one image per request (multipart, keep-alive)
    for `--seconds` (at most `--max-requests`): requests/s, p50, p99, server CPU per request (all
@@ -23,7 +22,9 @@ goal: at 32 clients the server delivers >= 80% of the in-process limit (issue 12
 Every figure is printed with the machine's load average: on a shared machine the figures are
 only comparable within one run. The clients are a minimal HTTP/1.1 keep-alive client on asyncio
 streams (like `wrk`, the request bytes are built once) in this process, on the same cores as
-the server. Prints each figure, then one JSON object.
+the server (`--load-generator wrk` runs wrk instead, a C load generator that needs about half the
+CPU per request). The 32-client level runs `--rounds` times, interleaved with measurements of the
+in-process limit: the ratios are to the mean of all of them. Prints each figure, then one JSON object.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -194,6 +196,61 @@ async def run_level(port: int, requests: list[bytes], clients: int, seconds: flo
     }
 
 
+WRK_LUA = """
+local reqs, n, i = {}, %d, 0
+for k = 0, n - 1 do
+  local f = io.open("%s/" .. k .. ".bin", "rb"); local body = f:read("*all"); f:close()
+  local g = io.open("%s/" .. k .. ".type", "r"); local ctype = g:read("*all"); g:close()
+  reqs[k + 1] = wrk.format("POST", "%s", {["Content-Type"] = ctype}, body)
+end
+request = function()
+  i = i + 1
+  return reqs[(i %% n) + 1]
+end
+"""
+
+
+def wrk_script(work: Path, path: str, requests: list[bytes]) -> Path:
+    """A wrk Lua script that cycles through the same requests the Python clients send."""
+    folder = work / "wrk-bodies"
+    folder.mkdir(exist_ok=True)
+    for k, req in enumerate(requests):
+        head, body = req.split(b"\r\n\r\n", 1)
+        ctype = next(ln.split(b":", 1)[1].strip() for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-type:"))
+        (folder / f"{k}.bin").write_bytes(body)
+        (folder / f"{k}.type").write_bytes(ctype)
+    script = work / "requests.lua"
+    script.write_text(WRK_LUA % (len(requests), folder, folder, path))
+    return script
+
+
+def run_level_wrk(port: int, script: Path, clients: int, seconds: float) -> dict[str, Any]:
+    """One level with wrk (one thread, `clients` connections); its CPU from the children's rusage."""
+    import re
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
+                          f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def ms(label: str) -> float:
+        value = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert value, out
+        return float(value.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[value.group(2)]
+
+    done = re.search(r"(\d+) requests in ([\d.]+)(ms|s)", out)
+    assert done, out
+    requests, elapsed = int(done.group(1)), float(done.group(2)) * (1e-3 if done.group(3) == "ms" else 1.0)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"clients": clients, "requests": requests, "errors": errors, "seconds": round(elapsed, 2),
+            "rps": requests / elapsed, "p50_ms": ms("50%"), "p99_ms": ms("99%"), "by_worker": [],
+            "client_cpu_ms_per_request": 1000 * cpu / max(requests, 1)}
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants (Linux /proc): the server's supervisor and its workers."""
     out, todo = [], [pid]
@@ -235,6 +292,31 @@ def batch_totals(port: int, workers: int) -> tuple[float, float]:
     return sum(v[0] for v in seen.values()), sum(v[1] for v in seen.values())
 
 
+def combine_rounds(rounds: list[dict[str, Any]], limits: list[float]) -> dict[str, Any]:
+    """One level's figures from its rounds: requests over seconds, CPU per request over all of them,
+    the worst p99; `round_of_limit`: each round against the mean of the limits measured around it."""
+    n = sum(r["requests"] for r in rounds)
+    seconds = sum(r["seconds"] for r in rounds)
+
+    def per_request(key: str) -> float:
+        return sum(r[key] * r["requests"] for r in rounds) / max(n, 1)
+
+    workers: dict[int, int] = {}
+    for r in rounds:
+        for i, k in enumerate(r["by_worker"]):
+            workers[i] = workers.get(i, 0) + k
+    return {
+        "clients": rounds[0]["clients"], "requests": n, "errors": sum(r["errors"] for r in rounds),
+        "seconds": round(seconds, 2), "rps": n / seconds, "p50_ms": float(np.median([r["p50_ms"] for r in rounds])),
+        "p99_ms": max(r["p99_ms"] for r in rounds), "by_worker": [workers[i] for i in sorted(workers)],
+        "server_cpu_ms_per_request": per_request("server_cpu_ms_per_request"),
+        "client_cpu_ms_per_request": per_request("client_cpu_ms_per_request"),
+        "mean_batch": float(np.mean([r["mean_batch"] for r in rounds])), "load": rounds[-1]["load"],
+        "round_rps": [round(r["rps"], 1) for r in rounds],
+        "round_of_limit": [r["rps"] / ((a + b) / 2) for r, a, b in zip(rounds, limits, limits[1:], strict=False)],
+    }
+
+
 def load_average() -> float:
     return round(os.getloadavg()[0], 1)
 
@@ -247,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="where the model and index go (default: a temporary folder)")
     p.add_argument("--index-size", type=int, default=1000, help="images in the served index")
     p.add_argument("--clients", default="1,8,32", help="concurrency levels")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the 32-client level is measured this many times, each after an in-process limit measurement "
+                   "(and one more limit at the end): the machine's speed drifts, so the two are interleaved")
+    p.add_argument("--load-generator", choices=("python", "wrk"), default="python",
+                   help="python: the asyncio keep-alive clients in this process; wrk: the C load generator (must be on "
+                   "PATH; ~0.04 ms of CPU per request against the Python clients' ~0.1 on the server's cores)")
     p.add_argument("--seconds", type=float, default=8.0, help="seconds per level")
     p.add_argument("--max-requests", type=int, default=20000, help="requests per level at most")
     p.add_argument("--endpoint", choices=("embed", "search"), default="embed")
@@ -262,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw-seconds", type=float, default=3.0)
     p.add_argument("--limit-seconds", type=float, default=5.0, help="seconds of the in-process limit")
     args = p.parse_args(argv)
+    if args.load_generator == "wrk" and shutil.which("wrk") is None:
+        p.error("--load-generator wrk: wrk is not on PATH (Debian/Ubuntu: apt install wrk)")
     logging.basicConfig(level=logging.WARNING)
 
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="serve-load-"))).resolve()
@@ -292,49 +382,76 @@ def main(argv: list[str] | None = None) -> int:
                         env={"SIMSEARCH_DECODE_WORKERS": str(args.decode_workers)})
     path = f"/v1/{args.endpoint}"
     fields = {"k": "10"} if args.endpoint == "search" else {}
-    levels = []
+    levels: list[dict[str, Any]] = []
+    limits = [limit]
+    limit_cpus = [limit_cpu]
     with server:
         port, proc = server.port, server.proc
         requests = [multipart_request(path, f"127.0.0.1:{port}", d, fields) for d in datas]
+        script = wrk_script(work, path, requests) if args.load_generator == "wrk" else None
         for _ in range(100):  # warm-up, until every worker has answered
             if len(asyncio.run(run_level(port, requests, 4 * args.workers, 0.5, 400))["by_worker"]) >= args.workers:
                 break
-        for c in [int(x) for x in args.clients.split(",")]:
+
+        def level(c: int) -> dict[str, Any]:
             cpu0, (img0, calls0) = cpu_seconds(proc.pid), batch_totals(port, args.workers)
-            client0 = time.process_time()
-            r = asyncio.run(run_level(port, requests, c, args.seconds, args.max_requests))
-            client1 = time.process_time()
+            if script is not None:
+                r = run_level_wrk(port, script, c, args.seconds)
+            else:
+                client0 = time.process_time()
+                r = asyncio.run(run_level(port, requests, c, args.seconds, args.max_requests))
+                r["client_cpu_ms_per_request"] = 1000 * (time.process_time() - client0) / max(r["requests"], 1)
             cpu1, (img1, calls1) = cpu_seconds(proc.pid), batch_totals(port, args.workers)
             r["server_cpu_ms_per_request"] = 1000 * (cpu1 - cpu0) / max(r["requests"], 1)
-            r["client_cpu_ms_per_request"] = 1000 * (client1 - client0) / max(r["requests"], 1)
             r["mean_batch"] = (img1 - img0) / max(calls1 - calls0, 1)
             r["load"] = load_average()
-            levels.append(r)
             print(f"server {path} {c:>3} clients: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 "
                   f"{r['p99_ms']:7.2f} ms  load {r['load']}", flush=True)
-    # the limit again after the server: this machine's speed drifts by 10-15% within minutes, as much
-    # as the goal's margin, so the ratios are to the mean of the two measurements around the server's
-    limit_after, limit_cpu_after = inprocess_limit(model_dir, datas, args.threads, args.batch_size,
+            return r
+
+        goal_clients = 32
+        for c in [int(x) for x in args.clients.split(",")]:
+            if c != goal_clients:
+                levels.append(level(c))
+                continue
+            # the goal's level: rounds interleaved with the limit, which is measured around each of them
+            rounds = []
+            for i in range(args.rounds):
+                if i:
+                    lim, lim_cpu = inprocess_limit(model_dir, datas, args.threads, args.batch_size,
                                                    args.decode_workers, args.limit_seconds)
-    print(f"in-process limit again: {limit_after:8.1f} images/s ({limit_cpu_after:.2f} CPU ms/image)  "
-          f"load {load_average()}", flush=True)
-    limits = (limit, limit_after)
-    limit, limit_cpu = (limit + limit_after) / 2, (limit_cpu + limit_cpu_after) / 2
+                    limits.append(lim)
+                    limit_cpus.append(lim_cpu)
+                    print(f"in-process limit: {lim:8.1f} images/s ({lim_cpu:.2f} CPU ms/image)  load {load_average()}",
+                          flush=True)
+                rounds.append(level(c))
+            lim, lim_cpu = inprocess_limit(model_dir, datas, args.threads, args.batch_size, args.decode_workers,
+                                           args.limit_seconds)
+            limits.append(lim)
+            limit_cpus.append(lim_cpu)
+            print(f"in-process limit: {lim:8.1f} images/s ({lim_cpu:.2f} CPU ms/image)  load {load_average()}",
+                  flush=True)
+            levels.append(combine_rounds(rounds, limits[-len(rounds) - 1:]))
+    # this machine's speed drifts by 10-15% within minutes, as much as the goal's margin: the ratios
+    # are to the mean of every limit measurement, and the goal's level adds up rounds taken between them
+    limit, limit_cpu = float(np.mean(limits)), float(np.mean(limit_cpus))
     for r in levels:
         r["of_limit"] = r["rps"] / limit
         r["of_raw"] = r["rps"] / raw[best_bs]
         # what the ratio comes to when server and limit are both bound by the same cores' CPU:
         # the least load-dependent figure on a shared machine (the load generator not counted)
         r["cpu_ratio"] = limit_cpu / max(r["server_cpu_ms_per_request"], 1e-9)
+        rounds_note = (f"  rounds: {', '.join(f'{x:.0%}' for x in r['round_of_limit'])} of the limit around each"
+                       if "round_of_limit" in r else "")
         print(f"server {path} {r['clients']:>3} clients: {r['rps']:8.1f} req/s ({r['of_limit']:.0%} of the limit, "
               f"{r['of_raw']:.0%} of raw)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  mean batch "
               f"{r['mean_batch']:5.1f}  server CPU {r['server_cpu_ms_per_request']:.2f} ms/req (limit's CPU/image "
-              f"/ this: {r['cpu_ratio']:.0%}), load generator CPU {r['client_cpu_ms_per_request']:.2f} ms/req  "
-              f"requests by worker {r['by_worker']}  ({r['requests']} requests, {r['errors']} errors)  "
-              f"load {r['load']}", flush=True)
+              f"/ this: {r['cpu_ratio']:.0%}), {args.load_generator} load generator CPU "
+              f"{r['client_cpu_ms_per_request']:.2f} ms/req  requests by worker {r['by_worker']}  ({r['requests']} "
+              f"requests, {r['errors']} errors)  load {r['load']}{rounds_note}", flush=True)
     at32 = next((r for r in levels if r["clients"] == 32), levels[-1])
     print(f"raw onnxruntime best: {raw[best_bs]:.1f} images/s at batch {best_bs}; in-process limit {limit:.1f} "
-          f"images/s (mean of {limits[0]:.1f} before the server and {limits[1]:.1f} after)")
+          f"images/s (mean of {len(limits)} measurements: {', '.join(f'{x:.0f}' for x in limits)})")
     print(f"at {at32['clients']} clients, {args.workers} worker(s): {at32['of_limit']:.1%} of the in-process limit "
           f"(goal >= 80%), {at32['of_raw']:.1%} of raw onnxruntime; p50 {at32['p50_ms']:.1f} ms, "
           f"p99 {at32['p99_ms']:.1f} ms; CPU-bound estimate {at32['cpu_ratio']:.1%} ({limit_cpu:.2f} CPU ms/image in "
@@ -344,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         "ort_threads": args.threads, "decode_workers": args.decode_workers,
         "server_batch_size": args.batch_size, "server_batch_wait_ms": args.batch_wait_ms, "inference_nice": args.nice,
         "raw_images_per_s": {str(k): round(v, 1) for k, v in raw.items()}, "raw_best_batch": best_bs,
-        "inprocess_limit_images_per_s": round(limit, 1), "inprocess_limit_before_after": [round(x, 1) for x in limits], "inprocess_cpu_ms_per_image": round(limit_cpu, 3),
+        "inprocess_limit_images_per_s": round(limit, 1), "inprocess_limits": [round(x, 1) for x in limits],
+        "load_generator": args.load_generator, "rounds": args.rounds, "inprocess_cpu_ms_per_image": round(limit_cpu, 3),
         "levels": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in levels],
         "of_limit_at_32": round(at32["of_limit"], 3), "cpu_ratio_at_32": round(at32["cpu_ratio"], 3),
         "goal_of_limit": 0.8,

@@ -2,6 +2,7 @@
 
     python bench/serve_load.py                          # fresh ResNet-18 (CIFAR stem, 32 px), 1/8/32 clients
     python bench/serve_load.py --arch smallcnn2         # the model `make demo` trains on a CPU
+    python bench/serve_load.py --arch smallcnn2 --image-size 64 --images PHOTOS   # its photo preset
     python bench/serve_load.py --workers 2              # `simsearch serve --workers 2`
     python bench/serve_load.py --model MODEL_DIR        # a given model directory
     python bench/serve_load.py --seconds 5 --clients 1,32 --endpoint search
@@ -58,22 +59,28 @@ CIFAR = Path("/tmp/cifar/cifar10/test")
 SAMPLE = ROOT / "tests" / "data" / "cifar10-sample" / "test"
 
 
-def export_fresh(work: Path, arch: str) -> Path:
-    """A freshly initialised encoder at 32 px (CIFAR stem), width 1: resnet18, or smallcnn2 (the
-    model `make demo` trains on a CPU: simsearch/demo.py's preset). Speed does not depend on training."""
+def export_fresh(work: Path, arch: str, image_size: int = 32) -> Path:
+    """A freshly initialised encoder (CIFAR stem), width 1: resnet18, or smallcnn2 (the model `make
+    demo` trains on a CPU: simsearch/demo.py's preset, 32 px for tiny images, 64 px for photos).
+    Speed does not depend on training."""
     from export_checkpoints import make_checkpoint
 
     from export import export_model
 
-    out = work / f"{arch}-model"
+    out = work / f"{arch}-{image_size}px-model"
     if (out / "model.json").is_file():
         return out
-    ckpt = make_checkpoint(work / f"{arch}.pt", arch=arch, width=1.0, image_size=32, cifar_stem=True)
+    ckpt = make_checkpoint(work / f"{arch}-{image_size}.pt", arch=arch, width=1.0, image_size=image_size,
+                           cifar_stem=True)
     export_model(ckpt, out, exporter="torchscript", verify_limit=8, triton=None, verify_images=[SAMPLE])
     return out
 
 
-def image_files(limit: int) -> list[Path]:
+def image_files(limit: int, folder: Path | None = None) -> list[Path]:
+    """The JPEGs the clients send and the index holds: `folder` (recursive), else CIFAR-10's test
+    set when extracted, else the shipped sample."""
+    if folder is not None:
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:limit]
     folder = CIFAR if CIFAR.is_dir() else SAMPLE
     return sorted(folder.glob("*/*.jpg"))[:limit]
 
@@ -326,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="model directory (default: export a fresh --arch encoder)")
     p.add_argument("--arch", choices=("resnet18", "smallcnn2"), default="resnet18",
                    help="the fresh encoder to export when --model is not given (smallcnn2: the demo's CPU model)")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="input size of the fresh encoder (the demo's CPU preset: 32 for tiny images, 64 for photos)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of JPEGs the clients send (default: CIFAR-10 test when extracted, else the shipped sample)")
     p.add_argument("--workdir", type=Path, help="where the model and index go (default: a temporary folder)")
     p.add_argument("--index-size", type=int, default=1000, help="images in the served index")
     p.add_argument("--clients", default="1,8,32", help="concurrency levels")
@@ -356,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="serve-load-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model.resolve() if args.model else export_fresh(work, args.arch)  # the server runs in work/
+    model_dir = args.model.resolve() if args.model else export_fresh(work, args.arch, args.image_size)  # the server runs in work/
     spec = ModelSpec.load(model_dir)
-    files = image_files(max(args.index_size, 256))
+    files = image_files(max(args.index_size, 256), args.images)
     index_dir = work / f"index-{uuid.uuid4().hex[:6]}"
     build_index(model_dir, index_dir, files[: args.index_size], args.threads)
     print(f"model {spec.name} ({spec.input_height}x{spec.input_width} -> {spec.embedding_dim}), "

@@ -12,7 +12,7 @@ tests/data/messy (random crops, flips and sizes of 1-2 megapixels, JPEG q88).
 Without --model, a freshly initialised encoder (--arch, --width) is exported with `export`.
 
 For each folder, in one run and with the same settings: decode-only images/s (load_image_array in
-`--decode-workers` threads), inference-only images/s (the backend on already decoded batches from
+`--decode-workers` threads, default one per core), inference-only images/s (the backend on already decoded batches from
 one thread, as the build does), and the whole build (scan, hash, decode, embed, commit).
 goal: build >= 85% of the slower of the two. On a machine where decoding and inference share the
 same few cores, the build cannot beat the shared-CPU bound 1 / (1/decode + 1/inference), which is
@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embed.backends import open_backend  # noqa: E402
-from embed.embedder import Embedder, default_decode_workers  # noqa: E402
+from embed.embedder import Embedder, available_cores  # noqa: E402
 from embed.preprocess import load_image_array  # noqa: E402
-from index.builder import BuildConfig, build_index  # noqa: E402
+from index.builder import BuildConfig, build_index, decode_threads  # noqa: E402
 from index.scan import scan_folder  # noqa: E402
 from index.store import ImageIndex  # noqa: E402
 
@@ -116,7 +116,7 @@ def bench_folder(folder: Path, model: Path, args: argparse.Namespace, work: Path
     backend.embed(np.zeros((args.batch_size, *spec.input_size, 3), np.uint8))
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.decode_workers) as pool:
+    with ThreadPoolExecutor(args.decode_workers or available_cores()) as pool:
         arrays = list(pool.map(lambda p: load_image_array(p, spec)[0], files))
     decode_s = time.perf_counter() - t0
 
@@ -130,7 +130,7 @@ def bench_folder(folder: Path, model: Path, args: argparse.Namespace, work: Path
     out = work / f"index-{folder.name}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = BuildConfig(folder=str(folder), out=str(out), batch_size=args.batch_size,
-                      decode_workers=args.decode_workers, progress=False)
+                      **decode_threads(args.decode_workers), progress=False)
     t0 = time.perf_counter()
     summary = build_index(cfg, backend)
     build_s = time.perf_counter() - t0
@@ -140,7 +140,8 @@ def bench_folder(folder: Path, model: Path, args: argparse.Namespace, work: Path
     result = {
         "folder": str(folder), "files": n, "embedded": summary["embedded"], "failed": len(summary["failed"]),
         "decode_images_per_s": round(decode, 1), "inference_images_per_s": round(infer, 1),
-        "build_images_per_s": round(build, 1), "build_over_slower": round(build / slower, 3),
+        "build_images_per_s": round(build, 1), "build_decode_threads": summary["decode_threads"],
+        "build_over_slower": round(build / slower, 3),
         "shared_cpu_bound_images_per_s": round(1 / (1 / decode + 1 / infer), 1),
         "build_over_shared_cpu_bound": round(build * (1 / decode + 1 / infer), 3),
         "build_seconds": round(build_s, 2),
@@ -167,7 +168,7 @@ def bench_ray(folder: Path, model: Path, args: argparse.Namespace, work: Path, p
     out = work / f"index-ray-{folder.name}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = BuildConfig(folder=str(folder), out=str(out), batch_size=args.batch_size,
-                      decode_workers=args.decode_workers, progress=False)
+                      **decode_threads(args.decode_workers), progress=False)
     ray_cfg = RayConfig(address=args.ray or None, actors=args.ray_actors, decode=args.ray_decode)
     backend = open_backend(model_dir=str(model), max_batch_size=args.batch_size)
     load = os.getloadavg()[0]
@@ -195,7 +196,7 @@ def bench_ray(folder: Path, model: Path, args: argparse.Namespace, work: Path, p
 
 def embed_folder(files: list[Path], model: Path, args: argparse.Namespace) -> np.ndarray:
     backend = open_backend(model_dir=str(model), max_batch_size=args.batch_size)
-    embedder = Embedder(backend, batch_size=args.batch_size, decode_workers=args.decode_workers)
+    embedder = Embedder(backend, batch_size=args.batch_size, decode_workers=args.decode_workers or available_cores())
     vectors = [v for _, v, _ in embedder.iter_embed(files)]
     backend.close()
     return np.stack(vectors).astype(np.float32)
@@ -272,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-photos", type=int, default=300, help="photos to generate")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "simsearch-bench", help="scratch folder")
     p.add_argument("--batch-size", type=int, default=64, help="inference batch")
-    p.add_argument("--decode-workers", type=int, default=default_decode_workers(), help="decoding threads")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="decoding threads (default: the build's own, which adapt; decode alone on every core)")
     p.add_argument("--limit", type=int, default=0, help="only the first N files of each folder (0: all)")
     p.add_argument("--recall-train", type=int, default=50_000, help="indexed CIFAR train images for recall")
     p.add_argument("--queries", type=int, default=1000, help="CIFAR test images used as queries")
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.model or make_model(args.work, args.arch, args.width)
-    print(f"model {model}; decode workers {args.decode_workers}; batch {args.batch_size}")
+    print(f"model {model}; decode workers {args.decode_workers or 'adaptive'}; batch {args.batch_size}")
     report: dict[str, Any] = {"model": str(model), "decode_workers": args.decode_workers, "batch_size": args.batch_size,
                               "cpus": os.cpu_count(), "load_avg_1m_start": round(os.getloadavg()[0], 2)}
     if not args.skip_throughput and not args.skip_cifar:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from embed.backends.base import Backend
 from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
-from embed.embedder import Embedder, default_decode_workers
+from embed.embedder import Embedder, default_decode_workers, default_max_decode_workers
 from embed.spec import ModelSpec
 from index import identity, whitening
 from index.identity import IndexModelMismatch
@@ -64,6 +64,7 @@ class BuildConfig:
     out: str
     batch_size: int = 64
     decode_workers: int = field(default_factory=default_decode_workers)
+    max_decode_workers: int = field(default_factory=default_max_decode_workers)  # while decoding is the bottleneck
     commit_every: int = 512
     commit_interval_s: float = 30.0
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -125,6 +126,16 @@ class _Run:
     last_commit: float = field(default_factory=time.monotonic)
 
 
+def decode_threads(n: int | None) -> dict[str, int]:
+    """BuildConfig's decoding threads for `--decode-workers N`: fixed at N; None: the defaults, which
+    adapt (embed/embedder.py)."""
+    if n is None:
+        return {}
+    if n < 1:
+        raise ValueError(f"--decode-workers must be at least 1, got {n}")
+    return {"decode_workers": n, "max_decode_workers": n}
+
+
 def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | None = None,
                 vectors: VectorSource | None = None) -> dict[str, Any]:
     """Bring the index at `cfg.out` up to date with `cfg.folder`; returns the summary (also logged).
@@ -137,7 +148,7 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
     root = Path(cfg.folder)
     on_disk = scan_folder(root, cfg.extensions)
     embedder = Embedder(backend, batch_size=cfg.batch_size, decode_workers=cfg.decode_workers,
-                        max_pixels=cfg.max_pixels)
+                        max_decode_workers=cfg.max_decode_workers, max_pixels=cfg.max_pixels)
     index, needs_reembed = open_index_for(cfg, spec)
     try:
         reembedded: dict[str, Any] | None = None
@@ -220,7 +231,8 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
             summary["retrained"] = index.compact(retrain=True) is not None
         elapsed = time.monotonic() - start
         summary.update(count=len(index), elapsed_s=round(elapsed, 3),
-                       images_per_s=round(summary["embedded"] / elapsed, 2) if elapsed > 0 else 0.0)
+                       images_per_s=round(summary["embedded"] / elapsed, 2) if elapsed > 0 else 0.0,
+                       decode_threads=embedder.decoding_threads)
         return summary
     except BaseException:
         index.rollback()  # keep the last commit; a rerun redoes the rest

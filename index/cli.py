@@ -30,11 +30,11 @@ from typing import Any
 from embed.backends import BackendError, open_backend
 from embed.backends.base import Backend
 from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
-from embed.embedder import default_decode_workers
+from embed.embedder import default_decode_workers, default_max_decode_workers
 from embed.preprocess import load_image_array
 from embed.spec import ModelDirError
 from index import identity
-from index.builder import BuildConfig, build_index, resolve_model_source
+from index.builder import BuildConfig, build_index, decode_threads, resolve_model_source
 from index.duplicates import LEVELS, find_duplicates, resolve_threshold
 from index.export import export_index
 from index.filters import ItemFilter, matching_ids, parse_where
@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="index directory (created if missing)")
     _add_model_flags(b, required=True)
     b.add_argument("--batch-size", type=int, default=64, help="images per inference call")
-    b.add_argument("--decode-workers", type=int, default=default_decode_workers(), help="decoding threads")
+    b.add_argument("--decode-workers", type=int, default=None, metavar="N",
+                   help=f"decoding threads (default: {default_decode_workers()}, one per core but one, and up to "
+                   f"{default_max_decode_workers()} while inference waits for decoding)")
     b.add_argument("--commit-every", type=int, default=512, help="commit after this many embedded files")
     b.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     b.add_argument("--index-type", choices=INDEX_MODES, default="auto",
@@ -161,7 +163,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     backend, source = _open_backend(args)
     try:
         cfg = BuildConfig(
-            folder=args.folder, out=args.out, batch_size=args.batch_size, decode_workers=args.decode_workers,
+            folder=args.folder, out=args.out, batch_size=args.batch_size, **decode_threads(args.decode_workers),
             commit_every=args.commit_every, max_pixels=args.max_pixels, index_mode=args.index_type,
             memory_budget=args.memory_budget, recall_target=args.recall_target, retrain=args.retrain,
             whiten=args.whiten,

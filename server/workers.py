@@ -34,6 +34,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from embed.embedder import available_cores
 from server.metrics import MULTIPROC_ENV
 from server.settings import Settings
 
@@ -42,14 +43,6 @@ log = logging.getLogger(__name__)
 # a worker that does not answer the supervisor's ping for this long is killed and replaced; generous,
 # because a worker's ping thread competes for the GIL with its requests on a loaded machine
 HEALTHCHECK_TIMEOUT_S = 30
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def worker_settings(settings: Settings) -> Settings:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +172,66 @@ def test_iter_embed_is_bounded_and_uses_load(backend: OnnxRuntimeBackend) -> Non
     rest = list(stream)
     assert [r[0] for r in [first, *rest]] == list(range(n))
     assert rest[6][1].reason == "unreadable"
+
+
+class _Concurrency:
+    """`load` for iter_embed that takes `seconds` per item (sleeping, as libjpeg decodes: without the
+    GIL) and records how many items were being loaded at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.now, self.peak = seconds, 0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, i: int) -> bytes:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.now -= 1
+        return CIFAR_FILES[i % len(CIFAR_FILES)].read_bytes()
+
+
+class _SlowBackend(Backend):
+    """The tiny model, `seconds` slower per batch (inference as the bottleneck)."""
+
+    def __init__(self, inner: OnnxRuntimeBackend, seconds: float) -> None:
+        self.inner, self.seconds = inner, seconds
+        self.spec, self.max_batch_size = inner.spec, inner.max_batch_size
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.seconds)
+        return self.inner.embed(batch)
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_decoding_threads_grow_while_batches_wait_for_decoding(backend: OnnxRuntimeBackend) -> None:
+    n = 160
+    slow_decode = _Concurrency(0.004)
+    embedder = Embedder(backend, batch_size=8, decode_workers=1, max_decode_workers=3)
+    results = list(embedder.iter_embed(range(n), load=slow_decode))
+    assert embedder.decoding_threads == 3 and slow_decode.peak == 3
+    assert [r[0] for r in results] == list(range(n))
+    expected = backend.embed(np.stack([load_image_array(CIFAR_FILES[i % len(CIFAR_FILES)], backend.spec)[0]
+                                       for i in range(n)]))
+    assert np.allclose(np.stack([r[1] for r in results]), expected, atol=1e-5)
+    # without room to grow (max_decode_workers not given), the same starved stream keeps one thread
+    fixed, fixed_decode = Embedder(backend, batch_size=8, decode_workers=1), _Concurrency(0.004)
+    list(fixed.iter_embed(range(64), load=fixed_decode))
+    assert fixed.decoding_threads == 1 and fixed_decode.peak == 1
+
+
+def test_decoding_threads_stay_when_inference_is_the_bottleneck(backend: OnnxRuntimeBackend) -> None:
+    quick_decode = _Concurrency(0.0005)
+    embedder = Embedder(_SlowBackend(backend, 0.03), batch_size=8, decode_workers=1, max_decode_workers=3)
+    results = list(embedder.iter_embed(range(96), load=quick_decode))
+    assert len(results) == 96
+    assert embedder.decoding_threads == 1 and quick_decode.peak == 1
 
 
 def test_exported_model_dir(model_dir: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from tinymodel import write_tiny_model_dir
 
+from embed.embedder import default_decode_workers, default_max_decode_workers
 from index.cli import main
 from index.store import ImageIndex
 
@@ -219,3 +220,19 @@ def test_kill_9_and_resume_equals_clean_build(tiny: Path, tmp_path: Path) -> Non
     clean = tmp_path / "clean"
     _build(folder, clean, tiny, tmp_path)
     _same_index(_contents(out), _contents(clean))
+
+
+def test_decode_workers_flag_fixes_the_threads(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _folder(tmp_path / "imgs")
+    fixed = _build(folder, tmp_path / "fixed", tiny, tmp_path, "--decode-workers", "1")
+    assert fixed["decode_threads"] == 1 and fixed["embedded"] > 0
+    summary = tmp_path / "adaptive.json"  # without the flag: threads adapt, from one per core but one
+    assert main(["build", str(folder), "--model", str(tiny), "--out", str(tmp_path / "adaptive"), "--no-progress",
+                 "--summary", str(summary)]) == 0
+    adaptive = json.loads(summary.read_text())
+    assert default_decode_workers() <= adaptive["decode_threads"] <= default_max_decode_workers()
+    assert adaptive["embedded"] == fixed["embedded"]
+    capsys.readouterr()
+    assert main(["build", str(folder), "--model", str(tiny), "--out", str(tmp_path / "none"), "--no-progress",
+                 "--decode-workers", "0"]) == 2
+    assert "--decode-workers must be at least 1" in capsys.readouterr().err

@@ -236,3 +236,16 @@ def test_decode_workers_flag_fixes_the_threads(tiny: Path, tmp_path: Path, capsy
     assert main(["build", str(folder), "--model", str(tiny), "--out", str(tmp_path / "none"), "--no-progress",
                  "--decode-workers", "0"]) == 2
     assert "--decode-workers must be at least 1" in capsys.readouterr().err
+
+
+def test_a_copy_of_an_indexed_file_is_skipped_on_a_later_run(tiny: Path, tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "imgs")
+    out = tmp_path / "idx"
+    assert _build(folder, out, tiny, tmp_path)["added"] == 500
+    shutil.copy(folder / "horse" / "0003.jpg", folder / "zz-copy.jpg")  # content the index holds already
+    shutil.copy(DATA / "messy" / "flower.jpg", folder / "zz-new.jpg")
+    second = _build(folder, out, tiny, tmp_path)
+    assert second["skipped_duplicates"] == [{"path": "zz-copy.jpg", "duplicate_of": "horse/0003.jpg"}]
+    assert (second["added"], second["embedded"], second["count"]) == (1, 1, 501)
+    assert ImageIndex.open(out).get_by_path("horse/0003.jpg") is not None
+    assert ImageIndex.open(out).get_by_path("zz-copy.jpg") is None

@@ -7,13 +7,15 @@ items, and results come out in input order, one per item, a failed decode as its
 Arrays already decoded go straight to `backend.embed`, which takes any batch size.
 
 How many threads decode at once adapts to the folder (`max_decode_workers`): it starts at
-`decode_workers` (by default one per core but one, which leaves a core to inference), and whenever
-the calling thread has spent more than `STARVED_FRACTION` of a stretch of batches waiting for
-decoded images, a core sits idle while decoding is the bottleneck, so one more thread may decode,
-up to `max_decode_workers`. Large photos for a small model are such a case: on 2 cores, a second
-decoding thread indexed 1,000 photos of 1-2 MP 1.3x as fast (bench/index_folder.py), while 32-px
-images, whose inference costs more than their decoding, keep one thread (a second one made them
-5% slower).
+`decode_workers` (by default one per core but one, which leaves a core to inference). When the
+calling thread has spent more than `STARVED_FRACTION` of a stretch of batches waiting for decoded
+images and a decode takes `MIN_DECODE_S` of CPU or more, one more thread may decode for the next stretch,
+and it stays only if that stretch ran at least `GAIN` faster; otherwise the count goes back and
+stays. Waiting alone does not prove that a thread would help: Pillow parses a file in Python, under
+the interpreter lock that the other threads need too, and for small files (CIFAR's 32 px: ~0.1 ms a
+decode) that parsing is most of the decode, so a second thread made the build slower; a photo's
+decode is mostly libjpeg's, without the lock. On 2 cores, large photos for a small model gain a
+second thread (1,000 photos of 1-2 MP: 1.2-1.3x as fast).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from embed.spec import ModelSpec
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-STARVED_FRACTION = 0.3  # of the calling thread's time spent waiting for decodes: one more thread decodes
-_JUDGE_EVERY = 2  # batches in a stretch, after the first one (which always waits: the pipeline fills)
+STARVED_FRACTION = 0.3  # of the calling thread's time spent waiting for decodes: try one more thread
+MIN_DECODE_S = 0.001  # of CPU: decodes this long are mostly libjpeg's, which runs without the GIL
+GAIN = 1.05  # the images/s a stretch with one more decoding thread must beat the previous one by
+_STRETCH_BATCHES, _STRETCH_S = 3, 0.5  # a stretch: at least this many batches and seconds
 Decoded = tuple[np.ndarray, tuple[int, int]]
 Result = tuple[Any, "np.ndarray | DecodeError", "tuple[int, int] | None"]
 
@@ -73,15 +77,19 @@ class Embedder:
         """One result per source: its vector [D], or the `DecodeError` that stopped it."""
         return [vec for _, vec, _ in self.iter_embed(sources)]
 
-    def _decode(self, item: Any, load: Callable[[Any], Source] | None, slots: _Slots | None = None) -> Decoded:
-        if slots is not None:
-            with slots:
-                return self._decode(item, load)
+    def _decode(self, item: Any, load: Callable[[Any], Source] | None) -> Decoded:
         try:
             source = item if load is None else load(item)
         except OSError as e:
             raise DecodeError("unreadable", f"{item}: {e.strerror or e}") from None
         return load_image_array(source, self.spec, max_pixels=self.max_pixels)
+
+    def _decode_timed(self, item: Any, load: Callable[[Any], Source] | None, tuner: _Tuner) -> Decoded:
+        t0 = time.thread_time()  # CPU time: not the time spent waiting for the GIL
+        try:
+            return self._decode(item, load)
+        finally:
+            tuner.decoded(time.thread_time() - t0)
 
     def iter_embed(
         self, items: Iterable[T], load: Callable[[T], Source] | None = None
@@ -97,38 +105,46 @@ class Embedder:
         n_ok = 0
         it = iter(items)
         exhausted = False
-        slots = _Slots(self.decode_workers) if self.max_decode_workers > self.decode_workers else None
-        starved = _Starvation()
-        with ThreadPoolExecutor(self.max_decode_workers, thread_name_prefix="decode") as pool:
-            try:
-                while True:
-                    while not exhausted and len(pending) < window:
-                        try:
-                            item = next(it)
-                        except StopIteration:
-                            exhausted = True
-                            break
-                        pending.append((item, pool.submit(self._decode, item, load, slots)))
-                    if not pending:
-                        break
-                    item, future = pending.popleft()
+        tuner = _Tuner(self.decode_workers, self.max_decode_workers)
+        pools = [ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")]
+
+        def submit(item: Any) -> Future[Decoded]:
+            if tuner.settled:
+                return pools[-1].submit(self._decode, item, load)
+            return pools[-1].submit(self._decode_timed, item, load, tuner)
+
+        try:
+            while True:
+                while not exhausted and len(pending) < window:
                     try:
-                        array, size = starved.wait(future)
-                        batch.append((item, array, size))
-                        n_ok += 1
-                    except DecodeError as e:
-                        batch.append((item, e, None))
-                    if n_ok >= self.batch_size or (exhausted and not pending):
-                        yield from self._flush(batch)
-                        batch, n_ok = [], 0
-                        if slots is not None and slots.limit < self.max_decode_workers and starved.judge():
-                            slots.raise_limit(slots.limit + 1)
-                            logger.debug("decoding is the bottleneck: %d decoding threads", slots.limit)
-                yield from self._flush(batch)
-            finally:
-                for _, future in pending:
-                    future.cancel()
-                self.decoding_threads = slots.limit if slots is not None else self.decode_workers
+                        item = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    pending.append((item, submit(item)))
+                if not pending:
+                    break
+                item, future = pending.popleft()
+                try:
+                    array, size = tuner.wait(future)
+                    batch.append((item, array, size))
+                    n_ok += 1
+                except DecodeError as e:
+                    batch.append((item, e, None))
+                if n_ok >= self.batch_size or (exhausted and not pending):
+                    yield from self._flush(batch)
+                    threads = tuner.batch_done(len(batch))
+                    batch, n_ok = [], 0
+                    if threads is not None:  # a pool of that many threads takes the items not started yet
+                        pools.append(ThreadPoolExecutor(threads, thread_name_prefix="decode"))
+                        pending = deque((i, submit(i) if f.cancel() else f) for i, f in pending)
+            yield from self._flush(batch)
+        finally:
+            for _, future in pending:
+                future.cancel()
+            for pool in pools:
+                pool.shutdown(wait=True)
+            self.decoding_threads = tuner.threads
 
     def _flush(self, batch: list[Result]) -> Iterator[Result]:
         ok = [i for i, (_, r, _) in enumerate(batch) if isinstance(r, np.ndarray)]
@@ -142,41 +158,30 @@ class Embedder:
                 yield item, result, None
 
 
-class _Slots:
-    """A semaphore whose number of slots can grow: how many pool threads may decode at once."""
+class _Tuner:
+    """Decides, stretch by stretch of batches, how many threads decode (`threads`)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._busy = 0
-        self._cond = threading.Condition()
+    def __init__(self, threads: int, most: int) -> None:
+        self.threads, self.most = threads, most
+        self.settled = threads >= most
+        self.first = True  # the first batch waits for the pipeline to fill: not measured
+        self.trial_of: tuple[int, float] | None = None  # (the previous count, its images/s) during a trial
+        self._lock = threading.Lock()
+        self.decode_s, self.n_decoded = 0.0, 0
+        self._restart()
 
-    def __enter__(self) -> None:
-        with self._cond:
-            while self._busy >= self.limit:
-                self._cond.wait()
-            self._busy += 1
+    def _restart(self) -> None:
+        self.batches, self.images, self.waited, self.since = 0, 0, 0.0, time.perf_counter()
 
-    def __exit__(self, *exc: object) -> None:
-        with self._cond:
-            self._busy -= 1
-            self._cond.notify()
-
-    def raise_limit(self, limit: int) -> None:
-        with self._cond:
-            self.limit = limit
-            self._cond.notify_all()
-
-
-class _Starvation:
-    """How much of the calling thread's time goes to waiting for decoded images, batch by batch."""
-
-    def __init__(self) -> None:
-        self.batches = -1  # the first batch waits for the pipeline to fill: not judged
-        self.waited = 0.0
-        self.since = time.perf_counter()
+    def decoded(self, cpu_s: float) -> None:
+        """A decoding thread spent `cpu_s` of CPU on one item."""
+        with self._lock:
+            self.decode_s += cpu_s
+            self.n_decoded += 1
 
     def wait(self, future: Future[Decoded]) -> Decoded:
-        if future.done():
+        """The future's result, counting the time spent waiting for it."""
+        if self.settled or future.done():
             return future.result()
         t0 = time.perf_counter()
         try:
@@ -184,18 +189,41 @@ class _Starvation:
         finally:
             self.waited += time.perf_counter() - t0
 
-    def judge(self) -> bool:
-        """Called after each batch: True when the stretch of batches that just ended spent more than
-        STARVED_FRACTION of its time waiting for decodes (then a new stretch starts)."""
+    def batch_done(self, n: int) -> int | None:
+        """After each batch of `n` items: the number of threads to decode with from now on, or None
+        to go on as before."""
+        if self.settled:
+            return None
+        if self.first:
+            self.first = False
+            self._restart()
+            return None
         self.batches += 1
-        if self.batches < _JUDGE_EVERY:
-            if self.batches == 0:
-                self.waited, self.since = 0.0, time.perf_counter()
-            return False
-        now = time.perf_counter()
-        starved = self.waited > STARVED_FRACTION * (now - self.since)
-        self.batches, self.waited, self.since = 0, 0.0, now
-        return starved
+        self.images += n
+        elapsed = time.perf_counter() - self.since
+        if self.batches < _STRETCH_BATCHES or elapsed < _STRETCH_S:
+            return None
+        with self._lock:
+            mean_decode_s = self.decode_s / self.n_decoded if self.n_decoded else 0.0
+            self.decode_s, self.n_decoded = 0.0, 0
+        rate, waited = self.images / elapsed, self.waited / elapsed
+        self._restart()
+        if self.trial_of is not None:
+            previous, previous_rate = self.trial_of
+            self.trial_of = None
+            if rate < GAIN * previous_rate:  # no better with one more: back, and stay there
+                logger.debug("decoding threads: %d (%d gave %.0f images/s against %.0f)", previous, self.threads,
+                             rate, previous_rate)
+                self.threads, self.settled = previous, True
+                return previous
+        if waited > STARVED_FRACTION and mean_decode_s >= MIN_DECODE_S and self.threads < self.most:
+            self.trial_of = (self.threads, rate)
+            self.threads += 1
+            logger.debug("decoding threads: trying %d (waited %.0f%% of %.2f s; %.2f ms of CPU a decode)",
+                         self.threads, 100 * waited, elapsed, 1000 * mean_decode_s)
+            return self.threads
+        self.settled = self.threads >= self.most
+        return None
 
 
 def available_cores() -> int:

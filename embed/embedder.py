@@ -15,7 +15,7 @@ stays. Waiting alone does not prove that a thread would help: Pillow parses a fi
 the interpreter lock that the other threads need too, and for small files (CIFAR's 32 px: ~0.1 ms a
 decode) that parsing is most of the decode, so a second thread made the build slower; a photo's
 decode is mostly libjpeg's, without the lock. On 2 cores, large photos for a small model gain a
-second thread (1,000 photos of 1-2 MP: 1.2-1.3x as fast).
+second thread (1,000 photos of 1-2 MP: 1.3-1.4x as fast).
 """
 
 from __future__ import annotations

@@ -138,10 +138,11 @@ def test_a_write_through_one_worker_is_searchable_through_the_other(tiny_model: 
 
 class WriteLoad:
     """Clients adding images (a small pool: the same bytes often) and deleting acknowledged items,
-    whoever added them, through whichever worker their connection landed on."""
+    whoever added them; client i's keep-alive connection is served by worker i mod len(workers)
+    (the kernel alone once gave all six connections to one worker)."""
 
-    def __init__(self, url: str, images: list[Path], clients: int, seconds: float) -> None:
-        self.url, self.images, self.clients, self.seconds = url, images, clients, seconds
+    def __init__(self, url: str, images: list[Path], clients: int, seconds: float, workers: list[str]) -> None:
+        self.url, self.images, self.clients, self.seconds, self.workers = url, images, clients, seconds, workers
         self.added: set[int] = set()
         self.deleted: set[int] = set()
         self.pool: list[int] = []  # acknowledged, not yet picked for deletion
@@ -152,7 +153,7 @@ class WriteLoad:
     def _client(self, seed: int) -> None:
         rng = random.Random(seed)
         deadline = time.monotonic() + self.seconds
-        with httpx.Client(base_url=self.url, timeout=120) as c:
+        with closing(_client_on(self.url, self.workers[seed % len(self.workers)])) as c:
             while time.monotonic() < deadline:
                 victim = None
                 with self.lock:
@@ -193,7 +194,7 @@ def test_mixed_adds_and_deletes_through_two_workers_leave_the_exact_item_set(tin
         with httpx.Client(base_url=server.url, timeout=60) as c:
             seed = [_add(c, p, seed=True) for p in CIFAR_TRAIN[200:204]]
         assert all(r.status_code == 201 for r in seed)
-        load = WriteLoad(server.url, CIFAR_TRAIN[:12], clients=6, seconds=20)
+        load = WriteLoad(server.url, CIFAR_TRAIN[:12], clients=6, seconds=20, workers=sorted(workers))
         load.added |= {r.json()["item"]["id"] for r in seed}
         reads: Counter[str] = Counter()
         stop = threading.Event()

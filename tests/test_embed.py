@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tinymodel import write_tiny_model_dir
+from tinymodel import SlowBackend, write_tiny_model_dir
 
 import embed.embedder as embedder_module
 from embed.backends import BackendError, open_backend
@@ -199,24 +199,6 @@ class _Concurrency:
         return CIFAR_FILES[i % len(CIFAR_FILES)].read_bytes()
 
 
-class _SlowBackend(Backend):
-    """The tiny model, `seconds` slower per batch (inference as the bottleneck)."""
-
-    def __init__(self, inner: OnnxRuntimeBackend, seconds: float) -> None:
-        self.inner, self.seconds = inner, seconds
-        self.spec, self.max_batch_size = inner.spec, inner.max_batch_size
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        time.sleep(self.seconds)
-        return self.inner.embed(batch)
-
-    def ready(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def short_stretches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(embedder_module, "_STRETCH_S", 0.1)
@@ -261,7 +243,7 @@ def test_quick_decodes_keep_their_thread(backend: OnnxRuntimeBackend, short_stre
 def test_decoding_threads_stay_when_inference_is_the_bottleneck(backend: OnnxRuntimeBackend,
                                                                 short_stretches: None) -> None:
     quick_decode = _Concurrency(0.5)
-    embedder = Embedder(_SlowBackend(backend, 0.03), batch_size=8, decode_workers=1, max_decode_workers=3)
+    embedder = Embedder(SlowBackend(backend, 0.03), batch_size=8, decode_workers=1, max_decode_workers=3)
     results = list(embedder.iter_embed(range(96), load=quick_decode))
     assert len(results) == 96
     assert embedder.decoding_threads == 1 and quick_decode.peak == 1

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from serverkit import CIFAR_TEST, CIFAR_TRAIN, MESSY
+from tinymodel import SlowBackend
 
 from embed.backends.onnxruntime import OnnxRuntimeBackend
 from embed.embedder import Embedder
@@ -190,28 +189,6 @@ def test_messy_corpus_never_5xx(client: TestClient) -> None:
     assert outcomes["flower.jpg"] == 200 and outcomes["pil_sample_cmyk.jpg"] == 200
     assert outcomes["empty_file.jpg"] == 415 and outcomes["not_an_image.png"] == 415
     assert outcomes["truncated_jpeg.jpg"] == 422 and outcomes["decompression_bomb.gif"] == 413
-
-
-class SlowBackend:
-    """A real backend whose model calls take `delay_s` longer; records batch sizes."""
-
-    def __init__(self, inner: OnnxRuntimeBackend, delay_s: float, ready: bool = True) -> None:
-        self.inner, self.delay_s, self._ready = inner, delay_s, ready
-        self.spec, self.max_batch_size = inner.spec, inner.max_batch_size
-        self.batches: list[int] = []
-        self.lock = threading.Lock()
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        with self.lock:
-            self.batches.append(len(batch))
-        time.sleep(self.delay_s)
-        return self.inner.embed(batch)
-
-    def ready(self) -> bool:
-        return self._ready and self.inner.ready()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 async def _gather_embeds(app: object, n: int) -> list[httpx.Response]:

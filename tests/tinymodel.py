@@ -3,14 +3,19 @@
 uint8 [N, 32, 32, 3] -> /255, mean/std -> NCHW -> conv 4x4 stride 4 (seeded weights) -> ReLU ->
 flatten -> matmul -> l2 -> float32 [N, 32]. It keeps spatial detail, so different images get
 different vectors.
+
+`SlowBackend` wraps a real backend to make its model calls slower (inference as the bottleneck).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
+from embed.backends.base import Backend
 from embed.spec import MODEL_ONNX, ModelSpec
 
 
@@ -57,3 +62,25 @@ def write_tiny_model_dir(directory: Path, *, size: int = 32, dim: int = 32, seed
     onnx.save(model, str(directory / MODEL_ONNX))
     ModelSpec(name=name, version=version, input_height=size, input_width=size, embedding_dim=dim).save(directory)
     return directory
+
+
+class SlowBackend:
+    """A real backend whose model calls take `delay_s` longer; records batch sizes."""
+
+    def __init__(self, inner: Backend, delay_s: float, ready: bool = True) -> None:
+        self.inner, self.delay_s, self._ready = inner, delay_s, ready
+        self.spec, self.max_batch_size = inner.spec, inner.max_batch_size
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.batches.append(len(batch))
+        time.sleep(self.delay_s)
+        return self.inner.embed(batch)
+
+    def ready(self) -> bool:
+        return self._ready and self.inner.ready()
+
+    def close(self) -> None:
+        self.inner.close()

@@ -20,7 +20,6 @@ OpenAPI schema describes.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -31,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from server.bodies import MULTIPART, parse_multipart
 from server.errors import ApiError, error_response, internal_error_response
 from server.routes import embed
-from server.worker_header import WORKER_HEADER
+from server.worker_header import worker_header
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,8 @@ async def embed_fast_path(app: FastAPI, scope: Scope, receive: Receive, send: Se
     except Exception:
         log.exception("POST %s failed", PATH)
         response = internal_error_response()
-    # the worker's pid is read per request, not at import: the app may be built before a worker forks
     await send({"type": "http.response.start", "status": response.status_code,
-                "headers": [*response.raw_headers, (WORKER_HEADER.encode(), str(os.getpid()).encode())]})
+                "headers": [*response.raw_headers, worker_header()]})
     await send({"type": "http.response.body", "body": response.body})
     app.state.metrics.observe_request("POST", PATH, response.status_code, time.perf_counter() - start)
     return True

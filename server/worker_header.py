@@ -11,6 +11,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 WORKER_HEADER = "x-simsearch-worker"
 
 
+def worker_header() -> tuple[bytes, bytes]:
+    """The header as an ASGI (name, value) pair. The pid is read per request, not at import: the app
+    may be built before a worker process forks."""
+    return WORKER_HEADER.encode(), str(os.getpid()).encode()
+
+
 class WorkerHeaderMiddleware:
     """Pure ASGI: appends one header to the response start, nothing else."""
 
@@ -21,8 +27,7 @@ class WorkerHeaderMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # read per request, not at import: the app may be built before a worker process forks
-        header = (WORKER_HEADER.encode(), str(os.getpid()).encode())
+        header = worker_header()
 
         async def send_with_worker(message: Message) -> None:
             if message["type"] == "http.response.start":

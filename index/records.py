@@ -50,15 +50,19 @@ def record_from_row(row: tuple) -> ItemRecord:
     return ItemRecord(int(rid), path, int(size), float(mtime), sha, int(w), int(h), float(added), json.loads(meta))
 
 
+_ALLOWED_FIELDS = frozenset(RECORD_FIELDS) | {"id"}
+
+
 def record_values(rec: ItemRecord | Mapping[str, Any]) -> tuple:
-    d = rec.to_dict() if isinstance(rec, ItemRecord) else dict(rec)
-    unknown = sorted(set(d) - set(RECORD_FIELDS) - {"id"})
-    if unknown:
+    d = rec.to_dict() if isinstance(rec, ItemRecord) else rec
+    if not _ALLOWED_FIELDS.issuperset(d):
+        unknown = sorted(set(d) - _ALLOWED_FIELDS)
         raise ValueError(f"unknown record fields {unknown}; valid: {list(RECORD_FIELDS)}")
     if not isinstance(d.get("path"), str):
         raise ValueError("every record needs a 'path' string")
+    metadata = d.get("metadata")
     return (
         d["path"], int(d.get("size", 0)), float(d.get("mtime", 0.0)), str(d.get("sha256", "")),
         int(d.get("width", 0)), int(d.get("height", 0)), float(d.get("added_at") or time.time()),
-        json.dumps(d.get("metadata") or {}, sort_keys=True),
+        json.dumps(metadata, sort_keys=True) if metadata else "{}",
     )

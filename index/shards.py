@@ -33,9 +33,8 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -116,8 +115,7 @@ def read_shard_meta(path: Path) -> dict[str, Any]:
     return json.loads(raw)
 
 
-@dataclass(frozen=True)
-class _Row:
+class _Row(NamedTuple):
     shard: int  # index into ShardSet.files
     row: int
     size: int
@@ -147,7 +145,7 @@ class ShardSet:
              cache_bytes: int = 256 << 20) -> ShardSet:
         """The shards of this model (fingerprint) and folder (root) under `shard_dir` (may be missing)."""
         shard_dir = Path(shard_dir)
-        found: list[tuple[float, str, Path]] = []
+        found: list[tuple[float, str, Path, dict[str, Any]]] = []
         ignored: list[dict[str, str]] = []
         paths = sorted(shard_dir.glob(SHARD_GLOB)) if shard_dir.is_dir() else []
         for path in paths:
@@ -160,17 +158,18 @@ class ShardSet:
             if why:
                 ignored.append({"shard": path.name, "why": why})
                 continue
-            found.append((float(meta.get("written_at", 0.0)), path.name, path))
+            found.append((float(meta.get("written_at", 0.0)), path.name, path, meta))
         for item in ignored:
             logger.warning("%s: ignoring shard %s: %s", shard_dir, item["shard"], item["why"])
         files: list[Path] = []
         rows: dict[str, _Row] = {}
         max_pixels: dict[int, int] = {}
-        for _, _, path in sorted(found):  # oldest first: a later shard's row for a path wins
+        for _, _, path, meta in sorted(found, key=lambda f: f[:2]):  # oldest first: a later shard's row wins
             try:
-                table = pq.read_table(path, columns=["path", "size", "mtime", "sha256", "width", "height",
-                                                     "reason", "message"])
-                meta = read_shard_meta(path)
+                # ParquetFile.read: a quarter of read_table's time, which goes through the datasets API
+                with pq.ParquetFile(path) as pf:
+                    cols = pf.read(columns=["path", "size", "mtime", "sha256", "width", "height", "reason",
+                                            "message"]).to_pydict()
             except (OSError, pa.ArrowException) as e:
                 logger.warning("%s: ignoring shard %s: unreadable: %s", shard_dir, path.name, e)
                 ignored.append({"shard": path.name, "why": f"unreadable: {e}"})
@@ -178,11 +177,10 @@ class ShardSet:
             i = len(files)
             files.append(path)
             max_pixels[i] = int(meta.get("max_pixels", 0))
-            cols = table.to_pydict()
-            for r, p in enumerate(cols["path"]):
-                rows[p] = _Row(i, r, int(cols["size"][r]), float(cols["mtime"][r]), Precomputed(
-                    sha256=cols["sha256"][r] or "", width=int(cols["width"][r]), height=int(cols["height"][r]),
-                    reason=cols["reason"][r] or "", message=cols["message"][r] or ""))
+            for r, (p, size, mtime, sha, width, height, reason, message) in enumerate(zip(
+                    cols["path"], cols["size"], cols["mtime"], cols["sha256"], cols["width"], cols["height"],
+                    cols["reason"], cols["message"], strict=True)):
+                rows[p] = _Row(i, r, size, mtime, Precomputed(sha or "", width, height, reason or "", message or ""))
         return cls(shard_dir, files, rows, max_pixels, ignored, cache_bytes)
 
     def __len__(self) -> int:
@@ -216,7 +214,8 @@ class ShardSet:
         if cached is not None:
             self._cache.move_to_end(shard)
             return cached
-        column = pq.read_table(self.files[shard], columns=["vector"]).column("vector").combine_chunks()
+        with pq.ParquetFile(self.files[shard]) as pf:
+            column = pf.read(columns=["vector"]).column("vector").combine_chunks()
         dim = column.type.list_size
         values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         vectors = values.reshape(len(column), dim)

@@ -231,10 +231,11 @@ class ImageIndex(IndexReads, FollowingCommits, ModelBinding, ReembedTransactions
         with self._rw.write(), self._db:
             self._begin()
             ids = []
-            for vals, vec in zip(values, vectors, strict=True):
+            stored = vectors.astype("<f4", copy=False)  # the column's byte order, whatever the machine's
+            for vals, vec in zip(values, stored, strict=True):
                 cur = self._conn.execute(
                     "INSERT INTO items (path, size, mtime, sha256, width, height, added_at, metadata, vector)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*vals, vec.astype("<f4").tobytes()))
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*vals, vec.tobytes()))
                 ids.append(int(cur.lastrowid))
             self._index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
             return ids

@@ -9,14 +9,12 @@ builder reads and embeds itself any file the source does not know.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class Precomputed:
+class Precomputed(NamedTuple):
     """What embedding one file produced, without the vector itself (fetched by `VectorSource.vector`
     only when the builder adds it, so a lookup of every file stays light).
 

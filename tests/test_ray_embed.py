@@ -214,7 +214,7 @@ def test_vector_source_build_equals_the_plain_build(tiny: Path, tmp_path: Path) 
     from embed.backends import open_backend
     from embed.decode import DecodeError
     from embed.embedder import Embedder
-    from index.builder import BuildConfig, build_index
+    from index.builder import INGEST_COMMIT_FACTOR, BuildConfig, build_index
     from index.scan import scan_folder
     from index.vector_source import Precomputed
 
@@ -247,15 +247,32 @@ def test_vector_source_build_equals_the_plain_build(tiny: Path, tmp_path: Path) 
             return results[known.index(path)]
 
     source = Source()
-    cfg = BuildConfig(folder=str(folder), out=str(tmp_path / "a"), progress=False)
-    plain = build_index(cfg, backend)
-    fed = build_index(BuildConfig(folder=str(folder), out=str(tmp_path / "b"), progress=False), backend, vectors=source)
+    commits = []
+    for out, vectors in (("a", None), ("b", source)):
+        # commit_every 8: the plain build commits every 8 embedded files; the source's vectors, which
+        # cost nothing to take again, commit in batches INGEST_COMMIT_FACTOR times as large
+        cfg = BuildConfig(folder=str(folder), out=str(tmp_path / out), progress=False, commit_every=8)
+        commits.append(_generation_after(lambda cfg=cfg, vectors=vectors: build_index(cfg, backend, vectors=vectors),
+                                         tmp_path / out))
+    (plain, plain_commits), (fed, fed_commits) = commits
     backend.close()
     for key in ("scanned", "added", "embedded", "skipped_duplicates", "failed"):
         assert fed[key] == plain[key], key
     # every vector but those of the five files left out came from the source
     assert fed["from_vector_source"] == len(source.asked) == plain["added"] - 5
     _assert_same_index(_contents(tmp_path / "b"), _contents(tmp_path / "a"))
+    # (two commits more: the index's creation and the build's last)
+    assert plain_commits >= plain["added"] // 8, plain_commits
+    assert fed_commits <= 2 + -(-plain["added"] // (8 * INGEST_COMMIT_FACTOR)) < plain_commits // 4, fed_commits
+
+
+def _generation_after(build, out: Path) -> tuple[dict, int]:
+    """The build's summary and how many commits it made (the index's generation, from a new index)."""
+    from index.store import ImageIndex
+
+    summary = build()
+    with ImageIndex.open(out) as ix:
+        return summary, int(ix.meta["generation"])
 
 
 def test_a_build_without_ray_imports_neither_ray_nor_pyarrow(tiny: Path, tmp_path: Path) -> None:

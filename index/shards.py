@@ -217,7 +217,11 @@ class ShardSet:
         with pq.ParquetFile(self.files[shard]) as pf:
             column = pf.read(columns=["vector"]).column("vector").combine_chunks()
         dim = column.type.list_size
-        values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        flat = column.flatten()  # float32, no nulls: a failed row's vector is zeros
+        if flat.null_count or flat.type != pa.float32():
+            raise ValueError(f"{self.files[shard]}: the vector column must be float32 without nulls")
+        # the buffer itself: Array.to_numpy imports pandas (0.5 s) on the first call
+        values = np.frombuffer(flat.buffers()[1], dtype=np.float32, count=len(flat), offset=flat.offset * 4)
         vectors = values.reshape(len(column), dim)
         self._cache[shard] = vectors
         while len(self._cache) > 1 and sum(v.nbytes for v in self._cache.values()) > self._cache_bytes:

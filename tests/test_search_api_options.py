@@ -141,3 +141,35 @@ def test_bad_multipart_options_are_422(client: TestClient) -> None:
                            ({"exclude": "true"}, "invalid_request"), ({"min_score": "3"}, "invalid_request")):
         r = client.post("/v1/search", files={"file": ("a.jpg", image)}, data=fields)
         assert r.status_code == 422 and r.json()["reason"] == reason, (fields, r.json())
+
+
+def test_options_in_the_query_string(client: TestClient, setup: tuple[Path, Path, np.ndarray, np.ndarray]) -> None:
+    """`/v1/search?k=5` (curl users write it so): the query string's options apply to either body, as
+    if they were form fields or JSON keys; one given twice with different values, or an unknown
+    parameter, is a 422 rather than silently ignored."""
+    image = CIFAR_TEST[0].read_bytes()
+    flt = json.dumps({"metadata": {"label": "b"}})
+    form = client.post("/v1/search", files={"file": ("a.jpg", image)}, data={"k": "4", "offset": "4", "filter": flt})
+    query = client.post("/v1/search", files={"file": ("a.jpg", image)}, params={"k": "4", "offset": "4", "filter": flt})
+    assert form.status_code == query.status_code == 200, query.json()
+    assert query.json()["k"] == 4 and query.json()["offset"] == 4
+    assert [h["id"] for h in query.json()["neighbours"]] == [h["id"] for h in form.json()["neighbours"]]
+    assert all(h["metadata"]["label"] == "b" for h in query.json()["neighbours"])
+    # the same value in both places is fine
+    same = client.post("/v1/search", files={"file": ("a.jpg", image)}, data={"k": "4"}, params={"k": "4"})
+    assert same.status_code == 200 and same.json()["k"] == 4
+    # JSON: options the body leaves out come from the query string
+    body = client.post("/v1/search", json={"id": 3, "k": 6, "min_score": 0.1}).json()
+    mixed = client.post("/v1/search", json={"id": 3}, params={"k": "6", "min_score": "0.1"})
+    assert mixed.status_code == 200 and mixed.json() == body
+    for kwargs, reason in (
+            ({"files": {"file": ("a.jpg", image)}, "data": {"k": "4"}, "params": {"k": "5"}}, "invalid_request"),
+            ({"json": {"id": 3, "k": 4}, "params": {"k": "5"}}, "invalid_request"),
+            ({"json": {"id": 3}, "params": {"kk": "5"}}, "invalid_request"),
+            ({"files": {"file": ("a.jpg", image)}, "params": {"top": "5"}}, "invalid_request"),
+            ({"json": {"id": 3}, "params": {"k": "x"}}, "invalid_request"),
+            ({"json": {"id": 3}, "params": {"k": str(MAX_K + 1)}}, "invalid_request"),
+            ({"json": {"id": 3}, "params": {"filter": "{no"}}, "invalid_filter"),
+            ({"json": {"id": 3}, "params": [("k", "4"), ("k", "5")]}, "invalid_request")):
+        r = client.post("/v1/search", **kwargs)
+        assert r.status_code == 422 and r.json()["reason"] == reason, (kwargs.get("params"), r.json())

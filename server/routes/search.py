@@ -2,12 +2,16 @@
 
 Options (multipart form fields, or JSON): `offset` (pages: offset + k <= max_k), `min_score`,
 `filter` (metadata equality, path prefix / glob: index/filters.py, applied inside the FAISS scan)
-and `exclude` (with `id`: the item itself is left out).
+and `exclude` (with `id`: the item itself is left out). `k`, `offset`, `min_score` and `filter` may
+also be given in the query string (`/v1/search?k=5`), with either body; the same option in both
+places with different values, or a query parameter that is not one of them, is a 422 (never
+silently ignored).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -36,6 +40,62 @@ _BODY = request_body(
     ["file"],
     SearchJSON,
 )
+
+
+QUERY_OPTIONS = ("k", "offset", "min_score", "filter")
+_QUERY_PARAMETERS = [
+    {"name": "k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+    {"name": "offset", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+    {"name": "min_score", "in": "query", "required": False, "schema": {"type": "number", "minimum": -1, "maximum": 1}},
+    {"name": "filter", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "a SearchFilter as JSON text"},
+]
+
+
+def _query_options(request: Request) -> dict[str, str]:
+    """The search options given in the query string (`?k=5`), each once."""
+    params = request.query_params
+    unknown = sorted(set(params) - set(QUERY_OPTIONS))
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown query parameter(s) {unknown}: the query string may hold "
+                       f"{', '.join(QUERY_OPTIONS)}")
+    repeated = sorted(n for n in params if len(params.getlist(n)) > 1)
+    if repeated:
+        raise ApiError(422, "invalid_request", f"query parameter(s) {repeated} given more than once")
+    return dict(params)
+
+
+def _merge_form(fields: dict[str, str], query: dict[str, str]) -> dict[str, str]:
+    for name, value in query.items():
+        if name in fields and fields[name] != value:
+            raise ApiError(422, "invalid_request", f"{name} is both a form field ({fields[name][:40]!r}) and a query "
+                           f"parameter ({value[:40]!r}): give it once")
+    return {**query, **fields}
+
+
+def _merge_json(q: SearchJSON, query: dict[str, str]) -> SearchJSON:
+    if not query:
+        return q
+    given: dict[str, Any] = {}
+    for name, text in query.items():
+        if name == "filter":
+            try:
+                given[name] = json.loads(text)
+            except ValueError:
+                raise ApiError(422, "invalid_filter", "filter: the query parameter must be JSON text") from None
+        else:
+            given[name] = text  # validated (and converted) by SearchJSON below
+    merged = q.model_dump(exclude_unset=True)
+    for name, value in given.items():
+        if name in merged:
+            raise ApiError(422, "invalid_request", f"{name} is both in the JSON body and a query parameter: give it once")
+        merged[name] = value
+    try:
+        return SearchJSON.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ApiError(422, "invalid_request", f"{where}: {err['msg']}") from None
 
 
 def _form_number(fields: dict[str, str], name: str, kind: type[int] | type[float]) -> int | float | None:
@@ -108,24 +168,27 @@ def _query_vector(values: list[float], dim: int) -> np.ndarray:
     "`k`, and the options (`exclude` with `id`). Scores are cosine similarities, best first (ties by id). "
     "Pages: `offset` + `k` <= max_k; a filter is applied inside the index scan, so a page is full "
     "whenever enough items pass it.",
-    openapi_extra=_BODY,
+    openapi_extra={**_BODY, "parameters": _QUERY_PARAMETERS},
 )
 async def search(request: Request, res: Annotated[Resources, Depends(get_resources)]) -> SearchResponse:
     settings = res.settings
+    query_options = _query_options(request)
     body = await read_image_body(request, SearchJSON, lambda q: [] if q.image is None else [q.image])
     q = body.json_body
     exclude: list[int] | None = None
-    if q is None:  # multipart: `file`, `k` and the options as form fields
+    if q is None:  # multipart: `file`, `k` and the options as form fields (or in the query string)
         upload = body.one()
-        k = _parse_k(body.fields.get("k"), settings.max_k)
-        offset = int(_form_number(body.fields, "offset", int) or 0)
-        min_score = _form_number(body.fields, "min_score", float)
-        flt = _form_filter(body.fields.get("filter"))
-        if body.fields.get("exclude", "").lower() in ("1", "true", "on"):
+        fields = _merge_form(body.fields, query_options)
+        k = _parse_k(fields.get("k"), settings.max_k)
+        offset = int(_form_number(fields, "offset", int) or 0)
+        min_score = _form_number(fields, "min_score", float)
+        flt = _form_filter(fields.get("filter"))
+        if fields.get("exclude", "").lower() in ("1", "true", "on"):
             raise ApiError(422, "invalid_request", "exclude leaves out the item searched by: it needs `id` (JSON)")
         _check_page(k, offset, min_score, settings.max_k)
         query, what = (await res.pipeline.embed_one(upload)).vector, "image"
     else:
+        q = _merge_json(q, query_options)
         k, offset, min_score, flt = _check_k(q.k, settings.max_k), q.offset, q.min_score, q.filter
         _check_page(k, offset, min_score, settings.max_k)
         if q.exclude and q.id is None:

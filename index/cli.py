@@ -291,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             NotADirectoryError, ValueError) as e:
         print(f"simsearch index {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        resume = "; what it committed is kept: run it again to continue" if args.command == "build" else ""
+        print(f"simsearch index {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -288,6 +288,9 @@ class ImageIndex(IndexReads, FollowingCommits, ModelBinding, ReembedTransactions
         with self._rw.write(), self._db:
             if not self._in_tx:
                 return None
+            if not self._conn.in_transaction:  # an interrupt (Ctrl-C) hit after SQLite's last COMMIT had ended it
+                self._in_tx = self._fresh_tx = False
+                return None
             if self._fresh_tx:  # begun by a write that has not caught up yet: nothing to commit
                 self._conn.execute("ROLLBACK")
                 self._in_tx = self._fresh_tx = False
@@ -306,7 +309,8 @@ class ImageIndex(IndexReads, FollowingCommits, ModelBinding, ReembedTransactions
         with self._rw.write(), self._db:
             if not self._in_tx:
                 return
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # else an interrupt (Ctrl-C) hit right after a COMMIT: reload it below
+                self._conn.execute("ROLLBACK")
             self._in_tx = self._fresh_tx = False
             self.meta = {**META_DEFAULTS, **read_meta(self._conn)}
             self.dim = int(self.meta["dim"])

@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simsearch {name}: module {e.name!r} is not installed; install what this command needs "
               f"with: pip install '.[{extras}]'", file=sys.stderr)
         return 2
-    result = module.main(rest)
+    try:
+        result = module.main(rest)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (`index` says more for a build)
+        print(f"simsearch {name}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

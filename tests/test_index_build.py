@@ -222,6 +222,30 @@ def test_kill_9_and_resume_equals_clean_build(tiny: Path, tmp_path: Path) -> Non
     _same_index(_contents(out), _contents(clean))
 
 
+def test_ctrl_c_stops_a_build_in_one_line_and_a_rerun_continues(tiny: Path, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) in the middle of a build: exit status 130 and one line on stderr saying the
+    committed work is kept, no traceback; the next run adds only the rest."""
+    folder = _folder(tmp_path / "imgs", n_train=300)
+    out = tmp_path / "idx"
+    cmd = [sys.executable, "-m", "simsearch.cli", "index", "build", str(folder), "--model", str(tiny),
+           "--out", str(out), "--no-progress", "--batch-size", "1", "--commit-every", "1", "--decode-workers", "1"]
+    # a default SIGINT handler in the child, whatever this process inherited
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and not _committed_rows(out):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "index build: interrupted; what it committed is kept" in err, err
+    kept = _committed_rows(out)
+    assert 0 < len(kept) < 800
+    summary = tmp_path / "rest.json"
+    subprocess.run([*cmd, "--summary", str(summary)], cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+    assert json.loads(summary.read_text())["embedded"] == 800 - len(kept)
+
+
 def test_decode_workers_flag_fixes_the_threads(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = _folder(tmp_path / "imgs")
     fixed = _build(folder, tmp_path / "fixed", tiny, tmp_path, "--decode-workers", "1")

@@ -22,8 +22,10 @@ With --ray [ADDRESS], the same folder is also indexed by `index build --ray` (do
 into a fresh index, `--ray-runs` times on one Ray cluster (a new local one on every CPU without
 ADDRESS, started before the clock runs, as a standing cluster would be): whole-command images/s,
 its ratio to the plain build (goal >= 0.8 on 2 cores), images/s per embedding actor (what each
-added machine's actors bring), the Ray stage alone, and the ingestion. The load average is
-printed: figures from a shared machine are noisy.
+added machine's actors bring), the Ray stage alone, and `ingest_s`: the time after the stage
+(the ingestion runs while the stage does; this is what is left of it when the last shard has
+landed, plus listing and closing). The load average is printed: figures from a shared machine are
+noisy.
 """
 
 from __future__ import annotations

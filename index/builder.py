@@ -196,7 +196,7 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
             summary["reembed"] = reembedded
         run = _Run(summary)
         seen: dict[str, str] = {}
-        pre = _lookup_all(vectors, todo)
+        pre = _Known(vectors)
         if vectors is not None:
             summary["from_vector_source"] = 0
 
@@ -226,10 +226,11 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
                         summary["removed"] += index.remove([old.id])
                 else:
                     seen[job.sha256] = job.path
-                    if job.path not in pre:
+                    known = pre.get(job)
+                    if known is None:
                         yield job
                         continue
-                    _take_precomputed(index, run, cfg, job, pre[job.path], vectors, indexed.get(job.path))
+                    _take_precomputed(index, run, cfg, job, known, vectors, indexed.get(job.path))
                 bar.update()
 
         with tqdm(total=len(todo), unit="img", desc="indexing", disable=not cfg.progress, smoothing=0.1) as bar:
@@ -261,19 +262,30 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
         index.close()
 
 
-def _lookup_all(vectors: VectorSource | None, todo: list[FileJob]) -> dict[str, Precomputed]:
-    if vectors is None:
-        return {}
-    found = {job.path: vectors.lookup(job.path, job.size, job.mtime) for job in todo}
-    return {path: p for path, p in found.items() if p is not None}
+class _Known:
+    """The vector source's answer for each file, asked once, when the build reaches the file (a source
+    may wait there for a file still being embedded elsewhere: index/shards.py, `LiveShards`)."""
+
+    def __init__(self, vectors: VectorSource | None) -> None:
+        self._vectors = vectors
+        self._answers: dict[str, Precomputed | None] = {}
+
+    def get(self, job: FileJob) -> Precomputed | None:
+        if self._vectors is None:
+            return None
+        try:
+            return self._answers[job.path]
+        except KeyError:
+            answer = self._answers[job.path] = self._vectors.lookup(job.path, job.size, job.mtime)
+            return answer
 
 
-def _hashed(root: Path, todo: list[FileJob], pre: dict[str, Precomputed], window: int):
+def _hashed(root: Path, todo: list[FileJob], pre: _Known, window: int):
     """The jobs in scan order (it decides which of two copies is the duplicate), each with its sha256:
     from the vector source unread, else read and hashed here (in threads)."""
-    reader = read_and_hash(root, (j for j in todo if j.path not in pre), workers=2, window=window)
+    reader = read_and_hash(root, (j for j in todo if pre.get(j) is None), workers=2, window=window)
     for job in todo:
-        known = pre.get(job.path)
+        known = pre.get(job)
         if known is None:
             yield next(reader)  # the reader keeps the order of the jobs it is given: this one
         elif not known.sha256:  # the file could not be read where it was embedded

@@ -7,11 +7,15 @@ the normal builder.
    to embed are those whose (path, size, mtime) neither the index nor a shard of this model has
    (index/shards.py: `ShardSet.settled`; a failed file counts as done unless its failure was
    "unreadable" or `--max-pixels` changed), or every file with `--rehash`.
-3. Embed them on the cluster into the shard directory (index/ray_embed.py). Not started at all
-   when there is nothing to embed, so a re-run of an up-to-date folder needs no cluster.
-4. `build_index` with the shards as its `VectorSource`: moves, touches, duplicates, deletions,
+3. Embed them on the cluster into the shard directory (index/ray_embed.py), in a thread of the
+   driver. Not started at all when there is nothing to embed, so a re-run of an up-to-date folder
+   needs no cluster.
+4. Meanwhile, `build_index` with the shards as its `VectorSource` (`LiveShards`: a file still
+   being embedded is waited for until its shard lands): moves, touches, duplicates, deletions,
    failures, commits and the summary are those of the single-process build; a file no shard
-   knows (changed after step 2) is read and embedded on this machine, as without --ray.
+   knows (changed after step 2) is read and embedded on this machine, as without --ray. The
+   ingestion runs while the cluster embeds, rather than after it: on a cluster the driver's
+   cores are otherwise idle during the stage.
 5. Unless `--keep-shards`: the shards are replaced by one holding only the failed files' rows
    (what step 2 needs next time); the vectors are in the index now.
 
@@ -24,14 +28,19 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embed.backends.base import Backend
 from index.builder import BuildConfig, build_index, open_index_for
 from index.ray_config import RayConfig
 from index.scan import scan_folder
+
+if TYPE_CHECKING:  # pyarrow is the `ray` extra's
+    from embed.spec import ModelSpec
+    from index.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +91,14 @@ def build_index_on_ray(cfg: BuildConfig, backend: Backend, model_source: dict[st
             todo.append((p, s.size, s.mtime))
     logger.info("%d files: %d to embed on Ray, %d unchanged in the index, %d done in shards", len(on_disk),
                 len(todo), in_index, in_shards)
-    stage = embed_on_ray(todo, root=root, shard_dir=shard_dir, spec=spec, model_source=model_source, meta=meta,
-                         cfg=ray_cfg, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=cfg.progress)
     if todo:
-        shards = ShardSet.load(shard_dir, spec, root)
-    summary = build_index(cfg, backend, model_source, vectors=shards)
+        stage = _embed_while_ingesting(todo, shards, cfg, backend, model_source, ray_cfg, root=root, spec=spec,
+                                       meta=meta, shard_dir=shard_dir)
+        summary = stage.pop("build")
+    else:  # nothing to embed: no cluster needed
+        stage = embed_on_ray(todo, root=root, shard_dir=shard_dir, spec=spec, model_source=model_source, meta=meta,
+                             cfg=ray_cfg, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=False)
+        summary = build_index(cfg, backend, model_source, vectors=shards)
     stage.update(unchanged_in_index=in_index, done_in_shards=in_shards, shard_dir=str(shard_dir),
                  shards_ignored=shards.ignored)
     if not ray_cfg.keep_shards and shards.files:
@@ -98,3 +110,42 @@ def build_index_on_ray(cfg: BuildConfig, backend: Backend, model_source: dict[st
     summary.update(elapsed_s=round(elapsed, 3),
                    images_per_s=round(summary["embedded"] / elapsed, 2) if elapsed > 0 else 0.0)
     return summary
+
+
+def _embed_while_ingesting(todo: list[tuple[str, int, float]], shards: ShardSet, cfg: BuildConfig, backend: Backend,
+                           model_source: dict[str, Any], ray_cfg: RayConfig, *, root: str, spec: ModelSpec,
+                           meta: dict[str, Any], shard_dir: Path) -> dict[str, Any]:
+    """Steps 3 and 4 at once: the Ray stage in a thread of its own, the builder in this one taking each
+    shard as it lands (`LiveShards`). Returns the stage's summary with the builder's under "build"."""
+    from index.ray_embed import embed_on_ray, ray_connected
+    from index.shards import LiveShards
+
+    live = LiveShards(shards, (p for p, _, _ in todo))
+    outcome: dict[str, Any] = {}
+
+    def stage() -> None:
+        try:
+            outcome["stage"] = embed_on_ray(
+                todo, root=root, shard_dir=shard_dir, spec=spec, model_source=model_source, meta=meta, cfg=ray_cfg,
+                batch_size=cfg.batch_size, max_pixels=cfg.max_pixels,
+                progress=False,  # the builder's bar counts the files as their shards land
+                on_shard=live.landed)
+        except BaseException as e:
+            outcome["error"] = e
+            live.finish(e)
+        else:
+            live.finish()
+
+    with ray_connected(ray_cfg):  # ray.init in this thread; shut down after the stage's thread is done
+        thread = threading.Thread(target=stage, name="simsearch-ray-stage", daemon=True)
+        thread.start()
+        try:
+            build = build_index(cfg, backend, model_source, vectors=live)
+        except BaseException:
+            # the stage is abandoned (Ray shuts down on the way out); its shards so far serve the next run
+            thread.join(timeout=1.0)
+            raise
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return {**outcome["stage"], "build": build}

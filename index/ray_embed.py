@@ -24,12 +24,14 @@ died, so a killed worker costs time, not the run; a retried block rewrites the s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,11 +168,29 @@ def plan_actors(resources: dict[str, float], cfg: RayConfig) -> ActorPlan:
     return ActorPlan(actors, cfg.cpus_per_actor, gpa, in_actors)
 
 
+@contextlib.contextmanager
+def ray_connected(cfg: RayConfig) -> Iterator[None]:
+    """Connected to the cluster `cfg.address` inside (unless already): `ray.init` from the thread that
+    enters, so that `embed_on_ray` may run in another."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=cfg.address, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def embed_on_ray(files: list[tuple[str, int, float]], *, root: str, shard_dir: str | os.PathLike[str],
                  spec: ModelSpec, model_source: dict[str, Any], meta: dict[str, Any], cfg: RayConfig,
-                 batch_size: int, max_pixels: int, progress: bool) -> dict[str, Any]:
+                 batch_size: int, max_pixels: int, progress: bool,
+                 on_shard: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Embed `files` ((relative path, size, mtime) under `root`) on the Ray cluster `cfg.address`
-    into shards under `shard_dir`; returns the stage's summary."""
+    into shards under `shard_dir`; returns the stage's summary. `on_shard(name)` is called with each
+    shard as it lands (in the calling thread)."""
     import ray
 
     start = time.monotonic()
@@ -178,10 +198,7 @@ def embed_on_ray(files: list[tuple[str, int, float]], *, root: str, shard_dir: s
                                "failed": 0, "shards_written": 0, "elapsed_s": 0.0, "images_per_s": 0.0}
     if not files:  # nothing to do: no cluster needed
         return summary
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=cfg.address, logging_level=logging.WARNING)
-    try:
+    with ray_connected(cfg):
         resources = {k: float(v) for k, v in ray.cluster_resources().items()}
         plan = plan_actors(resources, cfg)
         summary.update(nodes=sum(1 for n in ray.nodes() if n.get("Alive")),
@@ -218,6 +235,9 @@ def embed_on_ray(files: list[tuple[str, int, float]], *, root: str, shard_dir: s
                 resources=dict(cfg.actor_resources) or None, scheduling_strategy="DEFAULT")
         first: tuple[float, int] | None = None  # when the first shard came back, and its rows
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if on_shard is not None:
+                for name in out["shard"]:
+                    on_shard(str(name))
             summary["shards_written"] += len(out["shard"])
             summary["failed"] += int(out["failed"].sum())
             summary["embedded"] += int(out["rows"].sum() - out["failed"].sum())
@@ -233,7 +253,4 @@ def embed_on_ray(files: list[tuple[str, int, float]], *, root: str, shard_dir: s
             if end > first[0] and len(files) > first[1]:
                 summary["steady_images_per_s"] = round((len(files) - first[1]) / (end - first[0]), 2)
         return summary
-    finally:
-        if started_here:
-            ray.shutdown()
 

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -130,13 +131,13 @@ class ShardSet:
     asks, keeping the last few shards' vectors (`cache_bytes`).
     """
 
-    def __init__(self, shard_dir: Path, files: list[Path], rows: dict[str, _Row], max_pixels: dict[int, int],
-                 ignored: list[dict[str, str]], cache_bytes: int) -> None:
+    def __init__(self, shard_dir: Path, spec: ModelSpec, root: str, cache_bytes: int) -> None:
         self.shard_dir = shard_dir
-        self.files = files
-        self.rows = rows
-        self.ignored = ignored
-        self._max_pixels = max_pixels
+        self.files: list[Path] = []
+        self.rows: dict[str, _Row] = {}
+        self.ignored: list[dict[str, str]] = []
+        self._spec, self._root = spec, root
+        self._max_pixels: dict[int, int] = {}
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_bytes = cache_bytes
 
@@ -144,44 +145,54 @@ class ShardSet:
     def load(cls, shard_dir: str | os.PathLike[str], spec: ModelSpec, root: str, *,
              cache_bytes: int = 256 << 20) -> ShardSet:
         """The shards of this model (fingerprint) and folder (root) under `shard_dir` (may be missing)."""
-        shard_dir = Path(shard_dir)
+        self = cls(Path(shard_dir), spec, root, cache_bytes)
         found: list[tuple[float, str, Path, dict[str, Any]]] = []
-        ignored: list[dict[str, str]] = []
-        paths = sorted(shard_dir.glob(SHARD_GLOB)) if shard_dir.is_dir() else []
+        paths = sorted(self.shard_dir.glob(SHARD_GLOB)) if self.shard_dir.is_dir() else []
         for path in paths:
-            try:
-                meta = read_shard_meta(path)
-            except (OSError, ValueError, pa.ArrowException) as e:
-                ignored.append({"shard": path.name, "why": f"unreadable: {e}"})
-                continue
-            why = _mismatch(meta, spec, root)
-            if why:
-                ignored.append({"shard": path.name, "why": why})
-                continue
-            found.append((float(meta.get("written_at", 0.0)), path.name, path, meta))
-        for item in ignored:
-            logger.warning("%s: ignoring shard %s: %s", shard_dir, item["shard"], item["why"])
-        files: list[Path] = []
-        rows: dict[str, _Row] = {}
-        max_pixels: dict[int, int] = {}
+            meta = self._usable_meta(path)
+            if meta is not None:
+                found.append((float(meta.get("written_at", 0.0)), path.name, path, meta))
         for _, _, path, meta in sorted(found, key=lambda f: f[:2]):  # oldest first: a later shard's row wins
-            try:
-                # ParquetFile.read: a quarter of read_table's time, which goes through the datasets API
-                with pq.ParquetFile(path) as pf:
-                    cols = pf.read(columns=["path", "size", "mtime", "sha256", "width", "height", "reason",
-                                            "message"]).to_pydict()
-            except (OSError, pa.ArrowException) as e:
-                logger.warning("%s: ignoring shard %s: unreadable: %s", shard_dir, path.name, e)
-                ignored.append({"shard": path.name, "why": f"unreadable: {e}"})
-                continue
-            i = len(files)
-            files.append(path)
-            max_pixels[i] = int(meta.get("max_pixels", 0))
-            for r, (p, size, mtime, sha, width, height, reason, message) in enumerate(zip(
-                    cols["path"], cols["size"], cols["mtime"], cols["sha256"], cols["width"], cols["height"],
-                    cols["reason"], cols["message"], strict=True)):
-                rows[p] = _Row(i, r, size, mtime, Precomputed(sha or "", width, height, reason or "", message or ""))
-        return cls(shard_dir, files, rows, max_pixels, ignored, cache_bytes)
+            self._ingest(path, meta)
+        return self
+
+    def add(self, name: str) -> list[str]:
+        """Take in the shard `name` of the directory, written after `load` (a row for a path it already
+        has wins); returns its rows' paths (none when it is not usable here: see `ignored`)."""
+        path = self.shard_dir / name
+        meta = self._usable_meta(path)
+        return [] if meta is None else self._ingest(path, meta)
+
+    def _usable_meta(self, path: Path) -> dict[str, Any] | None:
+        try:
+            meta = read_shard_meta(path)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            return self._ignore(path, f"unreadable: {e}")
+        why = _mismatch(meta, self._spec, self._root)
+        return self._ignore(path, why) if why else meta
+
+    def _ignore(self, path: Path, why: str) -> None:
+        logger.warning("%s: ignoring shard %s: %s", self.shard_dir, path.name, why)
+        self.ignored.append({"shard": path.name, "why": why})
+
+    def _ingest(self, path: Path, meta: dict[str, Any]) -> list[str]:
+        try:
+            # ParquetFile.read: a quarter of read_table's time, which goes through the datasets API
+            with pq.ParquetFile(path) as pf:
+                cols = pf.read(columns=["path", "size", "mtime", "sha256", "width", "height", "reason",
+                                        "message"]).to_pydict()
+        except (OSError, pa.ArrowException) as e:
+            self._ignore(path, f"unreadable: {e}")
+            return []
+        i = len(self.files)
+        self._max_pixels[i] = int(meta.get("max_pixels", 0))
+        self.files.append(path)  # before the rows that point at it
+        rows = self.rows
+        for r, (p, size, mtime, sha, width, height, reason, message) in enumerate(zip(
+                cols["path"], cols["size"], cols["mtime"], cols["sha256"], cols["width"], cols["height"],
+                cols["reason"], cols["message"], strict=True)):
+            rows[p] = _Row(i, r, size, mtime, Precomputed(sha or "", width, height, reason or "", message or ""))
+        return cols["path"]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -253,6 +264,44 @@ class ShardSet:
                 if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
                     tmp.unlink()
         return {"shards_removed": removed, "failures_kept": len(keep)}
+
+
+class LiveShards:
+    """A `VectorSource` over shards that are still being written: `ShardSet` plus the paths a running
+    Ray stage was given (`pending`). The builder ingests while the stage runs: a lookup of a pending
+    path waits until the shard holding it lands (`landed`, from the thread that follows the stage)
+    or the stage ends (`finish`); one the stage never wrote then answers None, and the builder reads
+    and embeds that file itself. After a failed stage, a lookup of a pending path raises.
+    """
+
+    def __init__(self, shards: ShardSet, pending: Iterable[str]) -> None:
+        self.shards = shards
+        self._pending = set(pending)
+        self._cond = threading.Condition()
+        self._finished = False
+        self._error: BaseException | None = None
+
+    def landed(self, name: str) -> None:
+        paths = self.shards.add(name)
+        with self._cond:
+            self._pending.difference_update(paths)
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._finished, self._error = True, error
+            self._cond.notify_all()
+
+    def lookup(self, path: str, size: int, mtime: float) -> Precomputed | None:
+        with self._cond:
+            while path in self._pending and not self._finished:
+                self._cond.wait()
+            if self._error is not None and path in self._pending:
+                raise RuntimeError(f"the Ray stage failed before embedding {path}: {self._error}") from self._error
+        return self.shards.lookup(path, size, mtime)
+
+    def vector(self, path: str) -> np.ndarray:
+        return self.shards.vector(path)
 
 
 def _mismatch(meta: Mapping[str, Any], spec: ModelSpec, root: str) -> str:

@@ -208,7 +208,7 @@ def test_shards_round_trip_and_refuse_another_model_or_folder(tiny: Path, tmp_pa
     assert sorted(left.rows) == ["bad.gif"] and len(left.files) == 1 and len(list((tmp_path / "s").iterdir())) == 3
 
 
-def test_vector_source_build_equals_the_plain_build(tiny: Path, tmp_path: Path) -> None:
+def test_vector_source_build_equals_the_plain_build(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The builder fed vectors by a source makes the same index, summary and failures as reading and
     embedding itself; a file the source does not know is embedded here."""
     from embed.backends import open_backend
@@ -247,32 +247,107 @@ def test_vector_source_build_equals_the_plain_build(tiny: Path, tmp_path: Path) 
             return results[known.index(path)]
 
     source = Source()
-    commits = []
+    import index.builder as builder
+
+    flushes: list[int] = []
+
+    def counting_flush(index, run) -> None:
+        flushes[-1] += 1
+        flush(index, run)
+
+    flush = builder._flush
+    monkeypatch.setattr(builder, "_flush", counting_flush)
+    summaries = []
     for out, vectors in (("a", None), ("b", source)):
         # commit_every 8: the plain build commits every 8 embedded files; the source's vectors, which
         # cost nothing to take again, commit in batches INGEST_COMMIT_FACTOR times as large
+        flushes.append(0)
         cfg = BuildConfig(folder=str(folder), out=str(tmp_path / out), progress=False, commit_every=8)
-        commits.append(_generation_after(lambda cfg=cfg, vectors=vectors: build_index(cfg, backend, vectors=vectors),
-                                         tmp_path / out))
-    (plain, plain_commits), (fed, fed_commits) = commits
+        summaries.append(build_index(cfg, backend, vectors=vectors))
+    plain, fed = summaries
     backend.close()
     for key in ("scanned", "added", "embedded", "skipped_duplicates", "failed"):
         assert fed[key] == plain[key], key
     # every vector but those of the five files left out came from the source
     assert fed["from_vector_source"] == len(source.asked) == plain["added"] - 5
     _assert_same_index(_contents(tmp_path / "b"), _contents(tmp_path / "a"))
-    # (two commits more: the index's creation and the build's last)
-    assert plain_commits >= plain["added"] // 8, plain_commits
-    assert fed_commits <= 2 + -(-plain["added"] // (8 * INGEST_COMMIT_FACTOR)) < plain_commits // 4, fed_commits
+    assert flushes[0] >= plain["added"] // 8, flushes
+    assert flushes[1] <= 1 + -(-plain["added"] // (8 * INGEST_COMMIT_FACTOR)) < flushes[0] // 4, flushes
 
 
-def _generation_after(build, out: Path) -> tuple[dict, int]:
-    """The build's summary and how many commits it made (the index's generation, from a new index)."""
-    from index.store import ImageIndex
+@needs_ray
+def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Path, tmp_path: Path) -> None:
+    """`LiveShards`, as `index build --ray` feeds the builder: a file still pending is waited for until
+    its shard lands, so the builder commits the first shards' rows before the last one exists; a
+    file the stage never wrote is embedded here once the stage ends; the index equals the plain
+    build's. A failed stage fails the build instead of embedding everything here."""
+    import sqlite3
+    import threading
 
-    summary = build()
-    with ImageIndex.open(out) as ix:
-        return summary, int(ix.meta["generation"])
+    from embed.backends import open_backend
+    from embed.embedder import Embedder
+    from index.builder import BuildConfig, build_index
+    from index.scan import scan_folder
+    from index.shards import LiveShards, ShardSet, shard_meta, write_shard
+
+    folder = tmp_path / "images"
+    for cls in ("cat", "dog", "ship", "truck"):
+        shutil.copytree(DATA / "cifar10-sample" / "test" / cls, folder / cls)
+    backend = open_backend(model_dir=str(tiny))
+    root = str(folder.resolve())
+    files = scan_folder(folder)
+    order = list(files)  # the builder's order
+    never_written = order[-7:]
+    written = order[: -len(never_written)]
+    chunks = [written[i : i + 40] for i in range(0, len(written), 40)]
+    meta = shard_meta(backend.spec, root, 40_000_000)
+    shard_dir, out = tmp_path / "shards", tmp_path / "live"
+    committed_before_last: list[int] = []
+
+    def stage(live: LiveShards) -> None:
+        try:
+            for n, chunk in enumerate(chunks):
+                if n == len(chunks) - 1:  # the last shard only once the builder has committed rows
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline and not committed_before_last:
+                        try:
+                            with sqlite3.connect(out / "index.sqlite") as db:
+                                count = db.execute("SELECT count(*) FROM items").fetchone()[0]
+                        except sqlite3.Error:
+                            count = 0
+                        if count:
+                            committed_before_last.append(count)
+                        time.sleep(0.02)
+                data = [(folder / p).read_bytes() for p in chunk]
+                vectors = Embedder(backend).embed_sources(data)
+                name = write_shard(shard_dir, meta, {
+                    "path": chunk, "size": [files[p].size for p in chunk], "mtime": [files[p].mtime for p in chunk],
+                    "sha256": [hashlib.sha256(d).hexdigest() for d in data], "width": [32] * len(chunk),
+                    "height": [32] * len(chunk), "vector": np.stack(vectors), "reason": [""] * len(chunk),
+                    "message": [""] * len(chunk)})
+                live.landed(name)
+        finally:
+            live.finish()
+
+    live = LiveShards(ShardSet.load(shard_dir, backend.spec, root), order)
+    thread = threading.Thread(target=stage, args=(live,))
+    thread.start()
+    summary = build_index(BuildConfig(folder=str(folder), out=str(out), progress=False, commit_every=1), backend,
+                          vectors=live)
+    thread.join()
+    assert committed_before_last and committed_before_last[0] < len(written), committed_before_last
+    assert summary["added"] == summary["embedded"] == len(order) and not summary["failed"]
+    assert summary["from_vector_source"] == len(written)
+    plain = build_index(BuildConfig(folder=str(folder), out=str(tmp_path / "plain"), progress=False), backend)
+    assert plain["added"] == len(order)
+    _assert_same_index(_contents(out), _contents(tmp_path / "plain"))
+
+    failed = LiveShards(ShardSet.load(tmp_path / "none", backend.spec, root), order)
+    failed.finish(ConnectionError("the cluster went away"))
+    with pytest.raises(RuntimeError, match="the Ray stage failed before embedding .*the cluster went away"):
+        build_index(BuildConfig(folder=str(folder), out=str(tmp_path / "failed"), progress=False), backend,
+                    vectors=failed)
+    backend.close()
 
 
 def test_a_build_without_ray_imports_neither_ray_nor_pyarrow(tiny: Path, tmp_path: Path) -> None:

@@ -118,7 +118,7 @@ def _embed_while_ingesting(todo: list[tuple[str, int, float]], shards: ShardSet,
     """Steps 3 and 4 at once: the Ray stage in a thread of its own, the builder in this one taking each
     shard as it lands (`LiveShards`). Returns the stage's summary with the builder's under "build"."""
     from index.ray_embed import embed_on_ray, ray_connected
-    from index.shards import LiveShards
+    from index.shards import LiveShards, StageFailed
 
     live = LiveShards(shards, (p for p, _, _ in todo))
     outcome: dict[str, Any] = {}
@@ -141,9 +141,11 @@ def _embed_while_ingesting(todo: list[tuple[str, int, float]], shards: ShardSet,
         thread.start()
         try:
             build = build_index(cfg, backend, model_source, vectors=live)
-        except BaseException:
+        except BaseException as e:
             # the stage is abandoned (Ray shuts down on the way out); its shards so far serve the next run
             thread.join(timeout=1.0)
+            if isinstance(e, StageFailed) and "error" in outcome:
+                raise outcome["error"] from None  # the stage's own error, as without the overlap
             raise
         thread.join()
     if "error" in outcome:

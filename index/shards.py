@@ -266,6 +266,10 @@ class ShardSet:
         return {"shards_removed": removed, "failures_kept": len(keep)}
 
 
+class StageFailed(RuntimeError):
+    """The Ray stage ended with an error before it wrote the file a lookup waited for."""
+
+
 class LiveShards:
     """A `VectorSource` over shards that are still being written: `ShardSet` plus the paths a running
     Ray stage was given (`pending`). The builder ingests while the stage runs: a lookup of a pending
@@ -297,7 +301,7 @@ class LiveShards:
             while path in self._pending and not self._finished:
                 self._cond.wait()
             if self._error is not None and path in self._pending:
-                raise RuntimeError(f"the Ray stage failed before embedding {path}: {self._error}") from self._error
+                raise StageFailed(f"the Ray stage failed before embedding {path}: {self._error}") from self._error
         return self.shards.lookup(path, size, mtime)
 
     def vector(self, path: str) -> np.ndarray:

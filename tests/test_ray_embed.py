@@ -350,6 +350,36 @@ def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Pa
     backend.close()
 
 
+@needs_ray
+def test_a_failed_ray_stage_fails_the_build_with_its_own_error(tiny: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder, waiting for shards in the driver's main thread, stops when the stage's thread
+    fails, and the command raises the stage's error itself (not the builder's wait)."""
+    import contextlib
+
+    import index.ray_embed as ray_embed
+    from embed.backends import open_backend
+    from index.builder import BuildConfig
+    from index.ray_build import build_index_on_ray
+    from index.ray_config import RayConfig
+
+    def failing_stage(files: list, **kw: object) -> dict:
+        time.sleep(0.2)  # the builder is waiting for the first file by now
+        raise ConnectionError("the head node went away")
+
+    monkeypatch.setattr(ray_embed, "embed_on_ray", failing_stage)
+    monkeypatch.setattr(ray_embed, "ray_connected", lambda cfg: contextlib.nullcontext())
+    folder = tmp_path / "images"
+    shutil.copytree(DATA / "cifar10-sample" / "test" / "cat", folder)
+    backend = open_backend(model_dir=str(tiny))
+    try:
+        with pytest.raises(ConnectionError, match="the head node went away"):
+            build_index_on_ray(BuildConfig(folder=str(folder), out=str(tmp_path / "idx"), progress=False), backend,
+                               {"model_dir": str(tiny)}, RayConfig())
+    finally:
+        backend.close()
+
+
 def test_a_build_without_ray_imports_neither_ray_nor_pyarrow(tiny: Path, tmp_path: Path) -> None:
     folder = tmp_path / "images"
     shutil.copytree(DATA / "cifar10-sample" / "test" / "cat", folder)

@@ -279,11 +279,27 @@ class _Known:
             answer = self._answers[job.path] = self._vectors.lookup(job.path, job.size, job.mtime)
             return answer
 
+    def ready(self, job: FileJob) -> bool:
+        """Whether `get` answers without waiting."""
+        ready = getattr(self._vectors, "ready", None)
+        return job.path in self._answers or ready is None or ready(job.path)
+
 
 def _hashed(root: Path, todo: list[FileJob], pre: _Known, window: int):
     """The jobs in scan order (it decides which of two copies is the duplicate), each with its sha256:
     from the vector source unread, else read and hashed here (in threads)."""
-    reader = read_and_hash(root, (j for j in todo if pre.get(j) is None), workers=2, window=window)
+
+    def to_read():
+        # The reader looks ahead for files to read; past a file its source cannot answer yet (a
+        # shard still to land) it hands back what it has instead of waiting there. It only asks for
+        # a file when this loop has reached one to read, and every file before that one has an answer.
+        for job in todo:
+            while not pre.ready(job):
+                yield None
+            if pre.get(job) is None:
+                yield job
+
+    reader = read_and_hash(root, to_read(), workers=2, window=window)
     for job in todo:
         known = pre.get(job)
         if known is None:

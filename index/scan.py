@@ -59,15 +59,24 @@ def _read_and_hash(root: Path, job: FileJob) -> FileJob:
     return job
 
 
-def read_and_hash(root: str | os.PathLike[str], jobs: Iterable[FileJob], *, workers: int = 2,
+def read_and_hash(root: str | os.PathLike[str], jobs: Iterable[FileJob | None], *, workers: int = 2,
                   window: int = 64) -> Iterator[FileJob]:
-    """Fill each job's bytes and sha256 in threads (hashlib releases the GIL); order kept, memory bounded."""
+    """Fill each job's bytes and sha256 in threads (hashlib releases the GIL); order kept, memory bounded.
+
+    A None from `jobs` says "no next job known yet": the oldest job in flight is handed back then,
+    rather than waiting for the window to fill (the source must not answer None with none in flight).
+    """
     root = Path(root)
     pending: deque[Future[FileJob]] = deque()
     it = iter(jobs)
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
         try:
             for job in it:
+                if job is None:
+                    if not pending:
+                        raise RuntimeError("read_and_hash: the job source had nothing ready with no job in flight")
+                    yield pending.popleft().result()
+                    continue
                 pending.append(pool.submit(_read_and_hash, root, job))
                 if len(pending) >= window:
                     yield pending.popleft().result()

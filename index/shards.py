@@ -296,6 +296,11 @@ class LiveShards:
             self._finished, self._error = True, error
             self._cond.notify_all()
 
+    def ready(self, path: str) -> bool:
+        """Whether `lookup` answers for this path without waiting."""
+        with self._cond:
+            return path not in self._pending or self._finished
+
     def lookup(self, path: str, size: int, mtime: float) -> Precomputed | None:
         with self._cond:
             while path in self._pending and not self._finished:

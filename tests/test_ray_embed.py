@@ -278,9 +278,10 @@ def test_vector_source_build_equals_the_plain_build(tiny: Path, tmp_path: Path, 
 @needs_ray
 def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Path, tmp_path: Path) -> None:
     """`LiveShards`, as `index build --ray` feeds the builder: a file still pending is waited for until
-    its shard lands, so the builder commits the first shards' rows before the last one exists; a
-    file the stage never wrote is embedded here once the stage ends; the index equals the plain
-    build's. A failed stage fails the build instead of embedding everything here."""
+    its shard lands, so the builder commits the first shards' rows before the last one exists,
+    also past a file it must read itself (its shard row is for other bytes: the file changed) in
+    the first shard; a file the stage never wrote is embedded here once the stage ends; the index
+    equals the plain build's. A failed stage fails the build instead of embedding everything here."""
     import sqlite3
     import threading
 
@@ -300,6 +301,7 @@ def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Pa
     never_written = order[-7:]
     written = order[: -len(never_written)]
     chunks = [written[i : i + 40] for i in range(0, len(written), 40)]
+    changed = chunks[0][5]  # its shard row says size + 1: stale, so the builder reads the file itself
     meta = shard_meta(backend.spec, root, 40_000_000)
     shard_dir, out = tmp_path / "shards", tmp_path / "live"
     committed_before_last: list[int] = []
@@ -307,7 +309,7 @@ def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Pa
     def stage(live: LiveShards) -> None:
         try:
             for n, chunk in enumerate(chunks):
-                if n == len(chunks) - 1:  # the last shard only once the builder has committed rows
+                if n == len(chunks) - 1:  # the last shard only once the builder has committed rows past `changed`
                     deadline = time.monotonic() + 60
                     while time.monotonic() < deadline and not committed_before_last:
                         try:
@@ -315,13 +317,14 @@ def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Pa
                                 count = db.execute("SELECT count(*) FROM items").fetchone()[0]
                         except sqlite3.Error:
                             count = 0
-                        if count:
+                        if count > 2 * 40:
                             committed_before_last.append(count)
                         time.sleep(0.02)
                 data = [(folder / p).read_bytes() for p in chunk]
                 vectors = Embedder(backend).embed_sources(data)
                 name = write_shard(shard_dir, meta, {
-                    "path": chunk, "size": [files[p].size for p in chunk], "mtime": [files[p].mtime for p in chunk],
+                    "path": chunk, "size": [files[p].size + (p == changed) for p in chunk],
+                    "mtime": [files[p].mtime for p in chunk],
                     "sha256": [hashlib.sha256(d).hexdigest() for d in data], "width": [32] * len(chunk),
                     "height": [32] * len(chunk), "vector": np.stack(vectors), "reason": [""] * len(chunk),
                     "message": [""] * len(chunk)})
@@ -337,7 +340,7 @@ def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Pa
     thread.join()
     assert committed_before_last and committed_before_last[0] < len(written), committed_before_last
     assert summary["added"] == summary["embedded"] == len(order) and not summary["failed"]
-    assert summary["from_vector_source"] == len(written)
+    assert summary["from_vector_source"] == len(written) - 1  # all but `changed`
     plain = build_index(BuildConfig(folder=str(folder), out=str(tmp_path / "plain"), progress=False), backend)
     assert plain["added"] == len(order)
     _assert_same_index(_contents(out), _contents(tmp_path / "plain"))

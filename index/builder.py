@@ -268,6 +268,7 @@ class _Known:
 
     def __init__(self, vectors: VectorSource | None) -> None:
         self._vectors = vectors
+        self._source_ready = getattr(vectors, "ready", None)  # only a source that may wait has it
         self._answers: dict[str, Precomputed | None] = {}
 
     def get(self, job: FileJob) -> Precomputed | None:
@@ -281,8 +282,7 @@ class _Known:
 
     def ready(self, job: FileJob) -> bool:
         """Whether `get` answers without waiting."""
-        ready = getattr(self._vectors, "ready", None)
-        return job.path in self._answers or ready is None or ready(job.path)
+        return self._source_ready is None or job.path in self._answers or self._source_ready(job.path)
 
 
 def _hashed(root: Path, todo: list[FileJob], pre: _Known, window: int):

@@ -11,6 +11,7 @@ not used: it kills every Ray process of the machine, another cluster's too.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -21,9 +22,33 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 from serverkit import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None or importlib.util.find_spec("pyarrow") is None,
+                               reason="needs the `ray` extra (pip install -e '.[ray]'; make test installs it)")
+
+
+def index_vectors(out: Path) -> dict[str, np.ndarray]:
+    """Path -> vector of every item of the index at `out` (checking that FAISS and the rows agree)."""
+    from index.store import ImageIndex
+
+    with ImageIndex.open(out) as ix:
+        recs = ix.records()
+        assert len(ix) == len(recs) == len({r.path for r in recs})
+        return {r.path: ix.vector(r.id) for r in recs}
+
+
+def assert_same_index(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """The same paths, each with the same vector (cos >= 0.9999): a --ray build against a plain one."""
+    assert sorted(got) == sorted(want)
+    a = np.stack([got[p] for p in sorted(want)])
+    b = np.stack([want[p] for p in sorted(want)])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.9999, sorted(want)[int(cos.argmin())]
 
 
 def ray_env() -> dict[str, str]:

@@ -1,13 +1,12 @@
 """`index build --ray`: a real two-node Ray cluster (tests/raycluster.py) embeds the shipped sample into
 Parquet shards that the normal builder ingests; the result equals the single-process build, a killed
-embedding actor and a killed driver cost time, not the run, and a re-run embeds nothing. Plus the
-shard format, the vector source in the builder, and a build without --ray that never imports Ray.
+embedding actor and a killed driver cost time, not the run, and a re-run embeds nothing. Plus
+the Ray stage's flags, and a build without --ray that never imports Ray. The shards and their
+ingestion without a cluster: tests/test_shard_ingest.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from raycluster import LocalRayCluster, ray_env
+from raycluster import LocalRayCluster, assert_same_index, index_vectors, needs_ray, ray_env
 from tinymodel import write_tiny_model_dir
 
 from index.cli import main
@@ -31,8 +30,6 @@ MESSY_FAILURES = {
     "messy/not_an_image.png": "not_an_image", "messy/truncated_image.png": "truncated",
     "messy/truncated_jpeg.jpg": "truncated",
 }
-needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None or importlib.util.find_spec("pyarrow") is None,
-                               reason="needs the `ray` extra (pip install -e '.[ray]'; make test installs it)")
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +50,11 @@ def _summary(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _contents(out: Path) -> dict[str, np.ndarray]:
-    from index.store import ImageIndex
-
-    with ImageIndex.open(out) as ix:
-        recs = ix.records()
-        assert len(ix) == len(recs) == len({r.path for r in recs})  # FAISS and rows agree
-        return {r.path: ix.vector(r.id) for r in recs}
-
-
-def _assert_same_index(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    a = np.stack([got[p] for p in sorted(want)])
-    b = np.stack([want[p] for p in sorted(want)])
-    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cos.min() >= 0.9999, sorted(want)[int(cos.argmin())]
-
-
 def _single_process(folder: Path, model: Path, tmp: Path) -> tuple[dict, dict[str, np.ndarray]]:
     out, summary = tmp / "reference.index", tmp / "reference.json"
     assert main(["build", str(folder), "--model", str(model), "--out", str(out), "--summary", str(summary),
                  "--no-progress", "--decode-workers", "2"]) == 0
-    return _summary(summary), _contents(out)
+    return _summary(summary), index_vectors(out)
 
 
 def _shard_rows(shard_dir: Path) -> dict[str, tuple]:
@@ -158,7 +138,7 @@ def test_ray_cluster_build_equals_single_process_survives_kills_and_resumes(tiny
         assert sorted(d["path"] for d in s2["skipped_duplicates"]) == sorted(
             d["path"] for d in ref_summary["skipped_duplicates"])
         assert s2["added"] == ref_summary["added"] == s2["from_vector_source"]
-        _assert_same_index(_contents(out), reference)
+        assert_same_index(index_vectors(out), reference)
         # the vectors are in the index now: only the failed files' rows are kept
         assert set(_shard_rows(shards)) == set(MESSY_FAILURES)
 
@@ -168,219 +148,13 @@ def test_ray_cluster_build_equals_single_process_survives_kills_and_resumes(tiny
         s3 = _summary(tmp_path / "s3.json")
         assert s3["ray"]["submitted"] == 0 and s3["embedded"] == 0 and s3["added"] == 0
         assert {f["path"]: f["reason"] for f in s3["failed"]} == MESSY_FAILURES
-        _assert_same_index(_contents(out), reference)
+        assert_same_index(index_vectors(out), reference)
     finally:
         for proc in drivers:  # a failed assertion can leave one running
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         cluster.stop()
-
-
-@needs_ray
-def test_shards_round_trip_and_refuse_another_model_or_folder(tiny: Path, tmp_path: Path) -> None:
-    import dataclasses
-
-    from embed.spec import ModelSpec
-    from index.shards import ShardSet, shard_meta, write_shard
-
-    spec = ModelSpec.load(tiny)
-    spec = dataclasses.replace(spec, fingerprint="f" * 64)
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((3, spec.embedding_dim)).astype(np.float32)
-    cols = {"path": ["a.jpg", "b/c.png", "bad.gif"], "size": [10, 20, 30], "mtime": [1.5, 2.25, 3.0],
-            "sha256": ["aa", "bb", "cc"], "width": [4, 5, 0], "height": [6, 7, 0], "vector": vectors,
-            "reason": ["", "", "truncated"], "message": ["", "", "cut short"]}
-    name = write_shard(tmp_path / "s", shard_meta(spec, "/root", 1000), cols)
-    assert write_shard(tmp_path / "s", shard_meta(spec, "/root", 1000), cols) == name  # a retry rewrites it
-    other = dataclasses.replace(spec, fingerprint="e" * 64)
-    write_shard(tmp_path / "s", shard_meta(other, "/root", 1000), {**cols, "path": ["a.jpg", "x", "y"]})
-    write_shard(tmp_path / "s", shard_meta(spec, "/elsewhere", 1000), {**cols, "path": ["a.jpg", "z", "w"]})
-
-    shards = ShardSet.load(tmp_path / "s", spec, "/root")
-    assert sorted(shards.rows) == ["a.jpg", "b/c.png", "bad.gif"] and len(shards.ignored) == 2
-    assert shards.lookup("a.jpg", 10, 1.5).sha256 == "aa" and shards.lookup("a.jpg", 10, 1.6) is None
-    np.testing.assert_array_equal(shards.vector("b/c.png"), vectors[1])
-    assert shards.lookup("bad.gif", 30, 3.0).reason == "truncated"
-    assert shards.settled("bad.gif", 30, 3.0, 1000) and not shards.settled("bad.gif", 30, 3.0, 2000)
-    assert shards.compact(["bad.gif"], shard_meta(spec, "/root", 1000)) == {"shards_removed": 1, "failures_kept": 1}
-    left = ShardSet.load(tmp_path / "s", spec, "/root")
-    assert sorted(left.rows) == ["bad.gif"] and len(left.files) == 1 and len(list((tmp_path / "s").iterdir())) == 3
-
-
-def test_vector_source_build_equals_the_plain_build(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The builder fed vectors by a source makes the same index, summary and failures as reading and
-    embedding itself; a file the source does not know is embedded here."""
-    from embed.backends import open_backend
-    from embed.decode import DecodeError
-    from embed.embedder import Embedder
-    from index.builder import INGEST_COMMIT_FACTOR, BuildConfig, build_index
-    from index.scan import scan_folder
-    from index.vector_source import Precomputed
-
-    folder = tmp_path / "images"
-    shutil.copytree(DATA / "cifar10-sample" / "test", folder)
-    for name in ["flower.jpg", "broken.png", "truncated_jpeg.jpg"]:
-        shutil.copy(DATA / "messy" / name, folder / name)
-    shutil.copy(DATA / "messy" / "flower.jpg", folder / "flower-copy.jpg")
-    backend = open_backend(model_dir=str(tiny))
-    files = scan_folder(folder)
-    left = [p for p in sorted(files) if p.startswith("truck/")][:5]  # for the builder to embed itself
-    known = [p for p in sorted(files) if p not in left]
-    results = Embedder(backend).embed_sources([(folder / p).read_bytes() for p in known])  # as the builder
-
-    class Source:
-        def __init__(self) -> None:
-            self.asked: list[str] = []
-
-        def lookup(self, path: str, size: int, mtime: float) -> Precomputed | None:
-            if path not in known or (files[path].size, files[path].mtime) != (size, mtime):
-                return None
-            r = results[known.index(path)]
-            sha = hashlib.sha256((folder / path).read_bytes()).hexdigest()
-            if isinstance(r, DecodeError):
-                return Precomputed(sha, reason=r.reason, message=r.message)
-            return Precomputed(sha, 32, 32)
-
-        def vector(self, path: str) -> np.ndarray:
-            self.asked.append(path)
-            return results[known.index(path)]
-
-    source = Source()
-    import index.builder as builder
-
-    flushes: list[int] = []
-
-    def counting_flush(index, run) -> None:
-        flushes[-1] += 1
-        flush(index, run)
-
-    flush = builder._flush
-    monkeypatch.setattr(builder, "_flush", counting_flush)
-    summaries = []
-    for out, vectors in (("a", None), ("b", source)):
-        # commit_every 8: the plain build commits every 8 embedded files; the source's vectors, which
-        # cost nothing to take again, commit in batches INGEST_COMMIT_FACTOR times as large
-        flushes.append(0)
-        cfg = BuildConfig(folder=str(folder), out=str(tmp_path / out), progress=False, commit_every=8)
-        summaries.append(build_index(cfg, backend, vectors=vectors))
-    plain, fed = summaries
-    backend.close()
-    for key in ("scanned", "added", "embedded", "skipped_duplicates", "failed"):
-        assert fed[key] == plain[key], key
-    # every vector but those of the five files left out came from the source
-    assert fed["from_vector_source"] == len(source.asked) == plain["added"] - 5
-    _assert_same_index(_contents(tmp_path / "b"), _contents(tmp_path / "a"))
-    assert flushes[0] >= plain["added"] // 8, flushes
-    assert flushes[1] <= 1 + -(-plain["added"] // (8 * INGEST_COMMIT_FACTOR)) < flushes[0] // 4, flushes
-
-
-@needs_ray
-def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Path, tmp_path: Path) -> None:
-    """`LiveShards`, as `index build --ray` feeds the builder: a file still pending is waited for until
-    its shard lands, so the builder commits the first shards' rows before the last one exists,
-    also past a file it must read itself (its shard row is for other bytes: the file changed) in
-    the first shard; a file the stage never wrote is embedded here once the stage ends; the index
-    equals the plain build's. A failed stage fails the build instead of embedding everything here."""
-    import sqlite3
-    import threading
-
-    from embed.backends import open_backend
-    from embed.embedder import Embedder
-    from index.builder import BuildConfig, build_index
-    from index.scan import scan_folder
-    from index.shards import LiveShards, ShardSet, shard_meta, write_shard
-
-    folder = tmp_path / "images"
-    for cls in ("cat", "dog", "ship", "truck"):
-        shutil.copytree(DATA / "cifar10-sample" / "test" / cls, folder / cls)
-    backend = open_backend(model_dir=str(tiny))
-    root = str(folder.resolve())
-    files = scan_folder(folder)
-    order = list(files)  # the builder's order
-    never_written = order[-7:]
-    written = order[: -len(never_written)]
-    chunks = [written[i : i + 40] for i in range(0, len(written), 40)]
-    changed = chunks[0][5]  # its shard row says size + 1: stale, so the builder reads the file itself
-    meta = shard_meta(backend.spec, root, 40_000_000)
-    shard_dir, out = tmp_path / "shards", tmp_path / "live"
-    committed_before_last: list[int] = []
-
-    def stage(live: LiveShards) -> None:
-        try:
-            for n, chunk in enumerate(chunks):
-                if n == len(chunks) - 1:  # the last shard only once the builder has committed rows past `changed`
-                    deadline = time.monotonic() + 60
-                    while time.monotonic() < deadline and not committed_before_last:
-                        try:
-                            with sqlite3.connect(out / "index.sqlite") as db:
-                                count = db.execute("SELECT count(*) FROM items").fetchone()[0]
-                        except sqlite3.Error:
-                            count = 0
-                        if count > 2 * 40:
-                            committed_before_last.append(count)
-                        time.sleep(0.02)
-                data = [(folder / p).read_bytes() for p in chunk]
-                vectors = Embedder(backend).embed_sources(data)
-                name = write_shard(shard_dir, meta, {
-                    "path": chunk, "size": [files[p].size + (p == changed) for p in chunk],
-                    "mtime": [files[p].mtime for p in chunk],
-                    "sha256": [hashlib.sha256(d).hexdigest() for d in data], "width": [32] * len(chunk),
-                    "height": [32] * len(chunk), "vector": np.stack(vectors), "reason": [""] * len(chunk),
-                    "message": [""] * len(chunk)})
-                live.landed(name)
-        finally:
-            live.finish()
-
-    live = LiveShards(ShardSet.load(shard_dir, backend.spec, root), order)
-    thread = threading.Thread(target=stage, args=(live,))
-    thread.start()
-    summary = build_index(BuildConfig(folder=str(folder), out=str(out), progress=False, commit_every=1), backend,
-                          vectors=live)
-    thread.join()
-    assert committed_before_last and committed_before_last[0] < len(written), committed_before_last
-    assert summary["added"] == summary["embedded"] == len(order) and not summary["failed"]
-    assert summary["from_vector_source"] == len(written) - 1  # all but `changed`
-    plain = build_index(BuildConfig(folder=str(folder), out=str(tmp_path / "plain"), progress=False), backend)
-    assert plain["added"] == len(order)
-    _assert_same_index(_contents(out), _contents(tmp_path / "plain"))
-
-    failed = LiveShards(ShardSet.load(tmp_path / "none", backend.spec, root), order)
-    failed.finish(ConnectionError("the cluster went away"))
-    with pytest.raises(RuntimeError, match="the Ray stage failed before embedding .*the cluster went away"):
-        build_index(BuildConfig(folder=str(folder), out=str(tmp_path / "failed"), progress=False), backend,
-                    vectors=failed)
-    backend.close()
-
-
-@needs_ray
-def test_a_failed_ray_stage_fails_the_build_with_its_own_error(tiny: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The builder, waiting for shards in the driver's main thread, stops when the stage's thread
-    fails, and the command raises the stage's error itself (not the builder's wait)."""
-    import contextlib
-
-    import index.ray_embed as ray_embed
-    from embed.backends import open_backend
-    from index.builder import BuildConfig
-    from index.ray_build import build_index_on_ray
-    from index.ray_config import RayConfig
-
-    def failing_stage(files: list, **kw: object) -> dict:
-        time.sleep(0.2)  # the builder is waiting for the first file by now
-        raise ConnectionError("the head node went away")
-
-    monkeypatch.setattr(ray_embed, "embed_on_ray", failing_stage)
-    monkeypatch.setattr(ray_embed, "ray_connected", lambda cfg: contextlib.nullcontext())
-    folder = tmp_path / "images"
-    shutil.copytree(DATA / "cifar10-sample" / "test" / "cat", folder)
-    backend = open_backend(model_dir=str(tiny))
-    try:
-        with pytest.raises(ConnectionError, match="the head node went away"):
-            build_index_on_ray(BuildConfig(folder=str(folder), out=str(tmp_path / "idx"), progress=False), backend,
-                               {"model_dir": str(tiny)}, RayConfig())
-    finally:
-        backend.close()
 
 
 def test_a_build_without_ray_imports_neither_ray_nor_pyarrow(tiny: Path, tmp_path: Path) -> None:

@@ -20,8 +20,11 @@ The rules:
   path, and a link back to an ancestor (a loop) or a second link to the same folder adds nothing.
   Two links to one *file* are two entries (the indexer reports the second as a duplicate).
 - **Not listed, but reported** in `FolderListing.skipped` (relative path, reason) and logged:
-  a broken symlink or a FIFO/device/socket with an image extension, and a sub-folder that cannot
-  be read. Nothing here ever raises for one bad entry; only a root that is not a folder is an error.
+  a broken symlink or a FIFO/device/socket with an image extension, a sub-folder that cannot
+  be read, and an image file or sub-folder whose name is not valid UTF-8 (bytes from another
+  encoding, e.g. an old archive's Latin-1 names: the index stores and answers paths as text, so such
+  a name is reported under its escaped form, `caf\\xe9.jpg`, to be renamed). Nothing here ever
+  raises for one bad entry; only a root that is not a folder is an error.
 - **Order**: sorted by the '/'-separated relative path, the same on every machine.
 """
 
@@ -136,9 +139,28 @@ def _entries(folder: str, prefix: str, exts: frozenset[str],
         try:
             if not image_named and not entry.is_dir():  # is_dir: free unless a symlink
                 continue
+            if not _is_utf8(entry.name):
+                listing.skipped.append((_escaped(prefix + entry.name), "name is not valid UTF-8; rename it"))
+                continue
             out.append((entry, entry.stat(), image_named))
         except OSError as e:
             if image_named:  # a dangling link to anything else is not ours to report
                 reason = "broken symlink" if entry.is_symlink() else f"cannot stat: {e.strerror or e}"
                 listing.skipped.append((prefix + entry.name, reason))
     return out
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (Python holds them as lone surrogates)."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(rel: str) -> str:
+    """A printable, storable form of a name with undecodable bytes: each such byte as `\\xNN`."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")

@@ -37,6 +37,11 @@ def _tree(tmp_path: Path) -> Path:
     os.mkfifo(root / "cats" / "pipe.png")  # never opened: reading a FIFO would block
     (root / "folder.jpg").mkdir()  # a folder with an image-like name is a folder
     (root / "folder.jpg" / "f.bmp").write_bytes((MESSY / "hopper.bmp").read_bytes())
+    # names in another encoding than UTF-8 (Latin-1 bytes): a file, and a folder with an image in it
+    (root / os.fsdecode(b"caf\xe9.jpg")).write_bytes(jpg)
+    (root / os.fsdecode(b"d\xe9j\xe0")).mkdir()
+    (root / os.fsdecode(b"d\xe9j\xe0") / "g.jpg").write_bytes(jpg)
+    (root / os.fsdecode(b"notes-\xe9.txt")).write_bytes(b"not an image: not reported")
     return root
 
 
@@ -54,7 +59,10 @@ def test_walk_rules(tmp_path: Path) -> None:
     ]
     # hidden files and folders, non-image names, the loop, the second link and the alias of cats/
     # (in the tree anyway, so it keeps its real path) add nothing
-    assert listing.skipped == [("cats/dangling.jpg", "broken symlink"), ("cats/pipe.png", "not a regular file")]
+    # a name that is not UTF-8 cannot be stored or answered as text: reported in an escaped form
+    not_utf8 = "name is not valid UTF-8; rename it"
+    assert listing.skipped == [("caf\\xe9.jpg", not_utf8), ("cats/dangling.jpg", "broken symlink"),
+                               ("cats/pipe.png", "not a regular file"), ("d\\xe9j\\xe0", not_utf8)]
     by_rel = {f.rel: f for f in listing.files}
     assert by_rel["dogs/link-to-a.jpg"].path == root / "dogs" / "link-to-a.jpg"
     assert by_rel["dogs/link-to-a.jpg"].size == (root / "cats" / "a.jpg").stat().st_size

@@ -20,7 +20,7 @@ from fastapi import Request
 from embed.backends import open_backend
 from embed.backends.base import Backend
 from embed.embedder import Embedder
-from embed.spec import ModelSpec, model_dir_fingerprint
+from embed.spec import ModelDirError, ModelSpec, model_dir_fingerprint
 from index import identity, whitening
 from index.identity import IndexModelMismatch
 from index.schema import DB_FILE, UPLOADS_DIR, read_meta
@@ -116,6 +116,11 @@ def prepare_index(settings: Settings) -> None:
 def preflight(settings: Settings) -> str | None:
     """The one-line reason the server cannot serve this index with this model, checked before
     uvicorn starts (so it exits with that line, not a traceback); None when it can."""
+    if settings.model_dir is not None:  # a mistyped --model: its one line, before any index work
+        try:
+            ModelSpec.load(Path(settings.model_dir))
+        except ModelDirError as e:
+            return str(e)
     db = Path(settings.index_dir) / DB_FILE
     if not db.is_file():
         return None

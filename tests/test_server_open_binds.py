@@ -52,6 +52,21 @@ def test_serve_refuses_an_open_bind_in_one_line(tmp_path: Path, monkeypatch: pyt
     assert "api_key is empty" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_wrong_model_directory_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    for k in [k for k in os.environ if k.startswith("SIMSEARCH_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)
+    for wrong in (tmp_path / "no-such-model", tmp_path):  # a mistyped path; a folder that is not a model
+        assert main(["--model", str(wrong), "--index", str(tmp_path / "index")]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [f"simsearch serve: error: {wrong} is not a model directory: "
+                                            "model.json is missing"]
+    assert not (tmp_path / "index").exists()  # refused before anything was opened
+
+
 def test_images_dir_resolves_folder_items_indexed_elsewhere(model_dir: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The API runs where the indexed folder has another path: SIMSEARCH_IMAGES_DIR finds the files."""

@@ -20,7 +20,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from pretrain import distributed
 from pretrain.augment import SimCLRAugment
 from pretrain.checkpoint import restore_run
-from pretrain.config import PretrainConfig
+from pretrain.config import ConfigError, PretrainConfig
+from pretrain.data import DataError
 from pretrain.distributed import DistInfo
 from pretrain.init import load_init
 from pretrain.lars import LARS, param_groups
@@ -46,11 +47,14 @@ class StepLayout:
         t = cfg.train
         if t.batch_size % world_size:
             near = sorted({m for m in (t.batch_size // world_size * world_size, -(-t.batch_size // world_size) * world_size) if m})
-            raise ValueError(f"--batch-size {t.batch_size} (the global batch) is not divisible by the {world_size} "
+            raise ConfigError(f"--batch-size {t.batch_size} (the global batch) is not divisible by the {world_size} "
                              f"processes; use a multiple of {world_size}, e.g. {' or '.join(map(str, near))}")
         steps_per_epoch = n_images // t.batch_size
         if steps_per_epoch < 1:
-            raise ValueError(f"{n_images} images are fewer than one batch of {t.batch_size}")
+            fits = 2 ** max(1, (n_images // world_size).bit_length() - 1) * world_size
+            raise DataError(f"{n_images} images are fewer than one batch of {t.batch_size}: "
+                            + (f"pass --batch-size {fits} or fewer" if fits <= n_images
+                               else f"SimCLR needs at least {fits} images"))
         return cls(t.batch_size // world_size, steps_per_epoch, t.time_budget_min > 0 and t.epochs <= 0)
 
 

@@ -24,6 +24,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class ConfigError(ValueError):
+    """A setting (config file or flag) that is unknown or out of range."""
+
+
 @dataclass
 class DataConfig:
     image_size: int = 32  # training resolution S; images are stored at S x S (shorter side + centre crop)
@@ -38,11 +42,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
-            raise ValueError("data.image_size must be >= 8")
+            raise ConfigError("data.image_size must be >= 8")
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("data.mean and data.std need 3 values each (std > 0)")
+            raise ConfigError("data.mean and data.std need 3 values each (std > 0)")
 
 
 @dataclass
@@ -59,10 +63,10 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         self.crop_scale = tuple(float(v) for v in self.crop_scale)  # type: ignore[assignment]
         if self.blur not in BLUR_MODES:
-            raise ValueError(f"augment.blur {self.blur!r}; choose one of {BLUR_MODES}")
+            raise ConfigError(f"augment.blur {self.blur!r}; choose one of {BLUR_MODES}")
         lo, hi = self.crop_scale
         if not 0 <= lo <= hi <= 1:
-            raise ValueError("augment.crop_scale must satisfy 0 <= lo <= hi <= 1")
+            raise ConfigError("augment.crop_scale must satisfy 0 <= lo <= hi <= 1")
 
     def resolved_crop_scale(self, image_size: int) -> tuple[float, float]:
         if self.crop_scale[0] > 0:
@@ -85,9 +89,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optim.optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+            raise ConfigError(f"optim.optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         if self.lr_scaling not in LR_SCALINGS:
-            raise ValueError(f"optim.lr_scaling {self.lr_scaling!r}; choose one of {LR_SCALINGS}")
+            raise ConfigError(f"optim.lr_scaling {self.lr_scaling!r}; choose one of {LR_SCALINGS}")
 
     def peak_lr(self, batch_size: int) -> float:
         if self.lr_scaling == "sqrt":
@@ -118,11 +122,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision {self.precision!r}; choose one of {PRECISIONS}")
+            raise ConfigError(f"train.precision {self.precision!r}; choose one of {PRECISIONS}")
         if self.batch_size < 2:
-            raise ValueError("train.batch_size must be >= 2")
+            raise ConfigError("train.batch_size must be >= 2")
         if self.temperature <= 0:
-            raise ValueError("train.temperature must be > 0")
+            raise ConfigError("train.temperature must be > 0")
 
 
 SECTIONS: dict[str, type] = {
@@ -150,7 +154,7 @@ class PretrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         unknown = sorted(set(d) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(SECTIONS)}")
+            raise ConfigError(f"unknown config section(s) {unknown}; valid: {sorted(SECTIONS)}")
         return cls(**{name: _section(name, d.get(name, {})) for name in SECTIONS})
 
     def save(self, path: str | Path) -> None:
@@ -167,7 +171,7 @@ class PretrainConfig:
         d = self.to_dict()
         for name, values in overrides.items():
             if name not in SECTIONS:
-                raise ValueError(f"unknown config section {name!r}; valid: {sorted(SECTIONS)}")
+                raise ConfigError(f"unknown config section {name!r}; valid: {sorted(SECTIONS)}")
             d[name].update(values)
         return PretrainConfig.from_dict(d)
 
@@ -177,7 +181,7 @@ def _section(name: str, values: dict[str, Any]) -> Any:
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in config section {name!r}; valid: {sorted(valid)}")
+        raise ConfigError(f"unknown key(s) {unknown} in config section {name!r}; valid: {sorted(valid)}")
     return cls(**values)
 
 

@@ -121,11 +121,15 @@ def load_folder(
     if failures:
         logger.warning("%d of %d files under %s could not be decoded and were skipped", len(failures), len(listing.paths), root)
     if not keep:
-        raise ValueError(f"none of the {len(listing.paths)} image files under {root} could be decoded")
+        raise DataError(f"none of the {len(listing.paths)} image files under {root} could be decoded")
     idx = np.asarray(keep)
     images = torch.from_numpy(out[idx] if len(keep) < len(out) else out).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([listing.labels[i] for i in keep], dtype=torch.long)
     return ImageFolderData(images, labels, listing.classes, [listing.paths[i] for i in keep], failures)
+
+
+class DataError(ValueError):
+    """A folder SimCLR cannot learn from as asked: nothing decodable, or fewer images than a batch."""
 
 
 class StreamingImageFolder(Dataset):

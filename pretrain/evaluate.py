@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,18 @@ def save_features(path: str | Path, train: ImageFolderData, test: ImageFolderDat
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pretrain.train import USER_ERRORS
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except USER_ERRORS as e:
+        print(f"simsearch eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     ckpt = load_checkpoint(args.checkpoint)
     rule = training_rule(int(ckpt["config"]["data"]["image_size"]))

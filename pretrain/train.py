@@ -34,9 +34,9 @@ import torch
 from pretrain import distributed
 from pretrain.batches import RankBatches
 from pretrain.build import Run, build_run
-from pretrain.checkpoint import load_checkpoint, run_state, save_checkpoint
-from pretrain.config import PretrainConfig, add_config_flags, overrides_from_args
-from pretrain.data import ImageFolderData, StreamingImageFolder, load_folder
+from pretrain.checkpoint import CheckpointError, load_checkpoint, run_state, save_checkpoint
+from pretrain.config import ConfigError, PretrainConfig, add_config_flags, overrides_from_args
+from pretrain.data import DataError, ImageFolderData, StreamingImageFolder, load_folder
 from pretrain.features import extract_features
 from pretrain.init import InitError, check_init
 from pretrain.knn import knn_accuracy
@@ -161,9 +161,23 @@ def run_summary(run: Run, stats: StepStats, *, stop_reason: str, train_seconds: 
     }
 
 
+# What `pretrain` and `eval` say in one line (exit 2), not as a traceback: the folder, the checkpoint
+# or the init weights the user named are missing or unusable, a setting is wrong, or the folder is
+# smaller than a batch.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, CheckpointError, InitError, DataError, ConfigError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except USER_ERRORS as e:
+        print(f"simsearch pretrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     overrides = overrides_from_args(args)
     resume = None
@@ -180,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.updated(overrides)
     cfg.data.folder = str(Path(args.folder).resolve())  # export verifies on this folder's images
     if cfg.train.init and not args.resume:  # before decoding the folder: a wrong file fails at once
-        try:
-            check_init(cfg.train.init, cfg.model)
-        except InitError as e:
-            print(f"simsearch pretrain: {e}", file=sys.stderr)
-            return 2
+        check_init(cfg.train.init, cfg.model)
     if cfg.data.in_memory:
         data = load_folder(args.folder, cfg.data.image_size, workers=cfg.data.workers, max_images=cfg.data.max_images,
                            progress=not args.no_progress)

@@ -194,7 +194,7 @@ def test_cli_init_with_a_wrong_file_exits_with_one_line(tmp_path, capsys):
     sample = Path(__file__).parent / "data" / "cifar10-sample" / "train"
     rc = train.main([str(sample), "--out", str(tmp_path / "run"), "--arch", "resnet18", "--no-progress", "--init", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith(f"simsearch pretrain: --init {bad}") and "unexpected" in err[0]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"simsearch pretrain: error: --init {bad}") and "unexpected" in err[0]
     assert not (tmp_path / "run" / "last.pt").exists()
 
 

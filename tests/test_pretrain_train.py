@@ -67,11 +67,30 @@ def test_short_run_lowers_the_loss_and_eval_reads_its_checkpoint(tmp_path):
     assert 0.1 < result["knn_top1"] <= 1 and 0 <= result["probe_top1"] <= 1  # better than chance (10 classes)
 
 
-def test_unknown_config_key_is_an_error(tmp_path):
+def test_a_wrong_input_is_one_line_and_exit_2_not_a_traceback(tmp_path, capsys):
+    """What the user named is wrong: the folder, the config, the batch for the folder, the checkpoint."""
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"train": {"batch_sise": 8}}))
-    with pytest.raises(ValueError, match="batch_sise"):
-        train.main([str(SAMPLE / "train"), "--out", str(tmp_path / "x"), "--config", str(bad)])
+    (tmp_path / "empty").mkdir()
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(5):
+        (few / f"{i}.jpg").write_bytes((SAMPLE / "train" / "cat" / f"{i:04d}.jpg").read_bytes())
+    out = ["--out", str(tmp_path / "x")]
+    for argv, says in [
+        ([str(SAMPLE / "train"), *out, "--config", str(bad)], "unknown key(s) ['batch_sise'] in config section 'train'"),
+        ([str(tmp_path / "missing"), *out], f"image folder not found: {tmp_path / 'missing'}"),
+        ([str(tmp_path / "empty"), *out], "no image files"),
+        ([str(bad), *out], "is not a directory"),
+        ([str(few), *out, *TINY], "5 images are fewer than one batch of 256: pass --batch-size 4 or fewer"),
+    ]:
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("simsearch pretrain: error: ") and says in err[0], (argv, err)
+    assert not (tmp_path / "x" / "last.pt").exists()
+    argv = [str(tmp_path / "none.pt"), "--train", str(few), "--test", str(few)]
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"simsearch eval: error: checkpoint not found: {tmp_path / 'none.pt'}"
 
 
 @pytest.mark.timeout(300)

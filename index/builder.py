@@ -53,7 +53,7 @@ from index import identity, whitening
 from index.identity import IndexModelMismatch
 from index.records import IndexedFile
 from index.reembed import reembed_index
-from index.scan import IMAGE_EXTENSIONS, FileJob, read_and_hash, scan_folder
+from index.scan import IMAGE_EXTENSIONS, FileJob, FileStat, read_and_hash, scan_folder
 from index.schema import DB_FILE, IndexDirError
 from index.store import ImageIndex
 from index.vector_source import Precomputed, VectorSource
@@ -150,16 +150,19 @@ def decode_threads(n: int | None) -> dict[str, int]:
 
 
 def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | None = None,
-                vectors: VectorSource | None = None) -> dict[str, Any]:
+                vectors: VectorSource | None = None, on_disk: dict[str, FileStat] | None = None) -> dict[str, Any]:
     """Bring the index at `cfg.out` up to date with `cfg.folder`; returns the summary (also logged).
 
     `vectors`: embeddings made elsewhere for this model (the builder never checks their model: the
     source must only answer with this model's vectors), used instead of reading and embedding.
+    `on_disk`: the folder's listing (`scan_folder`) when the caller has just walked it, so the folder
+    is walked (and its skipped entries reported) once.
     """
     start = time.monotonic()
     spec = backend.spec
     root = Path(cfg.folder)
-    on_disk = scan_folder(root, cfg.extensions)
+    if on_disk is None:
+        on_disk = scan_folder(root, cfg.extensions)
     embedder = Embedder(backend, batch_size=cfg.batch_size, decode_workers=cfg.decode_workers,
                         max_decode_workers=cfg.max_decode_workers, max_pixels=cfg.max_pixels)
     index, needs_reembed = open_index_for(cfg, spec)

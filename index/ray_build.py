@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from embed.backends.base import Backend
 from index.builder import BuildConfig, build_index, open_index_for
 from index.ray_config import RayConfig
-from index.scan import scan_folder
+from index.scan import FileStat, scan_folder
 
 if TYPE_CHECKING:  # pyarrow is the `ray` extra's
     from embed.spec import ModelSpec
@@ -93,12 +93,12 @@ def build_index_on_ray(cfg: BuildConfig, backend: Backend, model_source: dict[st
                 len(todo), in_index, in_shards)
     if todo:
         stage = _embed_while_ingesting(todo, shards, cfg, backend, model_source, ray_cfg, root=root, spec=spec,
-                                       meta=meta, shard_dir=shard_dir)
+                                       meta=meta, shard_dir=shard_dir, on_disk=on_disk)
         summary = stage.pop("build")
     else:  # nothing to embed: no cluster needed
         stage = embed_on_ray(todo, root=root, shard_dir=shard_dir, spec=spec, model_source=model_source, meta=meta,
                              cfg=ray_cfg, batch_size=cfg.batch_size, max_pixels=cfg.max_pixels, progress=False)
-        summary = build_index(cfg, backend, model_source, vectors=shards)
+        summary = build_index(cfg, backend, model_source, vectors=shards, on_disk=on_disk)
     stage.update(unchanged_in_index=in_index, done_in_shards=in_shards, shard_dir=str(shard_dir),
                  shards_ignored=shards.ignored)
     if not ray_cfg.keep_shards and shards.files:
@@ -114,7 +114,7 @@ def build_index_on_ray(cfg: BuildConfig, backend: Backend, model_source: dict[st
 
 def _embed_while_ingesting(todo: list[tuple[str, int, float]], shards: ShardSet, cfg: BuildConfig, backend: Backend,
                            model_source: dict[str, Any], ray_cfg: RayConfig, *, root: str, spec: ModelSpec,
-                           meta: dict[str, Any], shard_dir: Path) -> dict[str, Any]:
+                           meta: dict[str, Any], shard_dir: Path, on_disk: dict[str, FileStat]) -> dict[str, Any]:
     """Steps 3 and 4 at once: the Ray stage in a thread of its own, the builder in this one taking each
     shard as it lands (`LiveShards`). Returns the stage's summary with the builder's under "build"."""
     from index.ray_embed import embed_on_ray, ray_connected
@@ -140,7 +140,7 @@ def _embed_while_ingesting(todo: list[tuple[str, int, float]], shards: ShardSet,
         thread = threading.Thread(target=stage, name="simsearch-ray-stage", daemon=True)
         thread.start()
         try:
-            build = build_index(cfg, backend, model_source, vectors=live)
+            build = build_index(cfg, backend, model_source, vectors=live, on_disk=on_disk)
         except BaseException as e:
             # the stage is abandoned (Ray shuts down on the way out); its shards so far serve the next run
             thread.join(timeout=1.0)

@@ -204,9 +204,11 @@ def test_the_build_ingests_shards_while_the_stage_is_still_writing_them(tiny: Pa
 def test_a_failed_ray_stage_fails_the_build_with_its_own_error(tiny: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The builder, waiting for shards in the driver's main thread, stops when the stage's thread
-    fails, and the command raises the stage's error itself (not the builder's wait)."""
+    fails, and the command raises the stage's error itself (not the builder's wait). The folder is
+    walked once, for the stage and the builder both."""
     import contextlib
 
+    import embed.files
     import index.ray_embed as ray_embed
     from embed.backends import open_backend
     from index.builder import BuildConfig
@@ -219,6 +221,9 @@ def test_a_failed_ray_stage_fails_the_build_with_its_own_error(tiny: Path, tmp_p
 
     monkeypatch.setattr(ray_embed, "embed_on_ray", failing_stage)
     monkeypatch.setattr(ray_embed, "ray_connected", lambda cfg: contextlib.nullcontext())
+    walks: list[object] = []
+    walk = embed.files.walk_images
+    monkeypatch.setattr(embed.files, "walk_images", lambda *a, **kw: walks.append(a[0]) or walk(*a, **kw))
     folder = tmp_path / "images"
     shutil.copytree(DATA / "cifar10-sample" / "test" / "cat", folder)
     backend = open_backend(model_dir=str(tiny))
@@ -226,5 +231,6 @@ def test_a_failed_ray_stage_fails_the_build_with_its_own_error(tiny: Path, tmp_p
         with pytest.raises(ConnectionError, match="the head node went away"):
             build_index_on_ray(BuildConfig(folder=str(folder), out=str(tmp_path / "idx"), progress=False), backend,
                                {"model_dir": str(tiny)}, RayConfig())
+        assert len(walks) == 1
     finally:
         backend.close()

@@ -21,7 +21,9 @@ the run gets its own work directory (`...-init-<hash of the file's path>`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -149,9 +151,14 @@ def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool, i
         argv.append("--resume")
     if not progress:
         argv.append("--no-progress")
-    rc = train.main(argv)
+    with contextlib.redirect_stdout(io.StringIO()):  # its JSON summary: the line below says what matters
+        rc = train.main(argv)
     if rc or not checkpoint.is_file():
         raise SystemExit(f"simsearch demo: pretraining failed (exit {rc})")
+    s = json.loads((run_dir / "summary.json").read_text())
+    loss = [f"{v:.2f}" for v in (s.get("first_loss"), s.get("final_loss")) if v is not None]
+    print(f"      {s['step']} steps ({s['epochs']:.1f} epochs), {s['images_per_s']:.0f} images/s"
+          + (f"; loss {' -> '.join(loss)}" + (" at the first step" if len(loss) == 1 else "") if loss else ""))
     return checkpoint
 
 
@@ -166,9 +173,14 @@ def run_export(checkpoint: Path, model_dir: Path, images: Path) -> Path:
             return model_dir
     except ModelDirError:
         pass
-    rc = export_cli.main([str(checkpoint), "--out", str(model_dir), "--verify-images", str(images), "-q"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # its JSON summary: the line below says what matters
+        rc = export_cli.main([str(checkpoint), "--out", str(model_dir), "--verify-images", str(images), "-q"])
     if rc:
         raise SystemExit(f"simsearch demo: export failed (exit {rc})")
+    for precision, p in json.loads(out.getvalue()).get("parity", {}).items():
+        print(f"      {precision}: ONNX Runtime agrees with PyTorch on {p['n_images']} of the images "
+              f"(worst cosine {p['worst_cosine']:.6f})")
     return model_dir
 
 
@@ -209,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its fallback chatter is not news
+    # the steps' own INFO chatter (the exporter's graph passes, the index's compactions) is not news
+    # here: each step prints its one result line; warnings (files skipped, ...) still show
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     images = Path(args.images).expanduser().resolve()
     if not images.is_dir():
         print(f"simsearch demo: {images} is not a folder of images", file=sys.stderr)
@@ -257,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     from server import cli as server_cli
 
     os.environ.setdefault("SIMSEARCH_LOG_LEVEL", "info")
+    logging.getLogger().setLevel(os.environ["SIMSEARCH_LOG_LEVEL"].upper())  # the server's log, as `serve` shows it
     return int(
         server_cli.main(
             ["--model", str(model_dir), "--index", str(index_dir), "--host", args.host, "--port", str(args.port)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +50,12 @@ def test_demo_builds_reuses_and_serves(tmp_path: Path) -> None:
     assert first.returncode == 0, out
     assert "[3/4] indexing the folder" in out
     assert "reusing" not in out
+    # each step says its result in a line of its own: no JSON dumps, no other INFO chatter
+    assert re.search(r"^      \d+ steps \([\d.]+ epochs\), \d+ images/s", out, re.M), out
+    assert re.search(r"^      fp32: ONNX Runtime agrees with PyTorch on \d+ of the images", out, re.M), out
+    lines = out.splitlines()
+    assert not [line for line in lines[:-1] if line.startswith(("INFO ", "{", '  "'))], out
+    assert Path(json.loads(lines[-1])["index_dir"]).is_dir()  # --no-serve ends with where things are
 
     port = _free_port()
     second = _demo(["--images", str(images), "--workdir", str(work), "--port", str(port)], start_new_session=True)

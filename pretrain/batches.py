@@ -8,6 +8,7 @@ streamed folder is decoded per batch by DataLoader workers.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -41,9 +42,14 @@ class RankBatches:
         self.sampler.set_epoch(epoch, start * self.local_batch)
         if self.streaming:
             loader = DataLoader(self.data, batch_size=self.local_batch, sampler=self.sampler, num_workers=self.workers,
-                                drop_last=True, pin_memory=self.device.type == "cuda")
+                                drop_last=True, pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_ctrl_c)
             yield from (x for x, _ in loader)
             return
         idx = self.sampler.indices().to(self.images.device)
         for k in range(self.steps_per_epoch - start):
             yield self.images[idx[k * self.local_batch : (k + 1) * self.local_batch]]
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """A decoding worker lets Ctrl-C be the training process's: it stops after the step, with a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -43,7 +43,7 @@ from pretrain.knn import knn_accuracy
 from pretrain.runlog import RunLog, StepStats
 from pretrain.schedule import schedule_of
 from pretrain.step import injected_delay, train_step
-from pretrain.stopping import StopPlan
+from pretrain.stopping import StopPlan, ctrl_c_stops
 
 logger = logging.getLogger(__name__)
 RESUME_OVERRIDABLE = ("time_budget_min", "stop_after_steps", "log_every", "ckpt_every_min")
@@ -112,29 +112,30 @@ def train(
                     device=dist.device)
     start = last_save = time.time()
     run.model.train()
-    while (stop_reason := plan.stop_reason(run.step)) is None:
-        epoch, i = divmod(run.step, spe)
-        if i == 0 and run.step > first_step and t.knn_every and val is not None and epoch % t.knn_every == 0 \
-                and dist.is_main:
-            evaluate(epoch)
-        result = train_step(run, batches, delay_s)
-        stats.add(result)
-        plan.after_step(run.step)
-        postfix = {}
-        if run.step % t.log_every == 0 or run.step == plan.total_steps:
-            metrics.update(**stats.take_window(), lr=run.optimizer.param_groups[0]["lr"], epoch=run.step / spe,
-                           aug_share=stats.aug_share)
-            log.record({"step": run.step, **metrics})
-            postfix = dict(loss=f"{metrics['loss']:.3f}", ep=f"{run.step / spe:.2f}", img_s=f"{metrics['images_per_s']:.0f}")
-        log.advance(**postfix)
-        if run.step % spe == 0 or time.time() - last_save > t.ckpt_every_min * 60:
-            save()
-            last_save = time.time()
+    with ctrl_c_stops(plan, is_main=dist.is_main):
+        while (stop_reason := plan.stop_reason(run.step)) is None:
+            epoch, i = divmod(run.step, spe)
+            if i == 0 and run.step > first_step and t.knn_every and val is not None and epoch % t.knn_every == 0 \
+                    and dist.is_main:
+                evaluate(epoch)
+            result = train_step(run, batches, delay_s)
+            stats.add(result)
+            plan.after_step(run.step)
+            postfix = {}
+            if run.step % t.log_every == 0 or run.step == plan.total_steps:
+                metrics.update(**stats.take_window(), lr=run.optimizer.param_groups[0]["lr"], epoch=run.step / spe,
+                               aug_share=stats.aug_share)
+                log.record({"step": run.step, **metrics})
+                postfix = dict(loss=f"{metrics['loss']:.3f}", ep=f"{run.step / spe:.2f}", img_s=f"{metrics['images_per_s']:.0f}")
+            log.advance(**postfix)
+            if run.step % spe == 0 or time.time() - last_save > t.ckpt_every_min * 60:
+                save()
+                last_save = time.time()
     plan.close()  # no rank leaves with a broadcast in flight
     logger.info("rank %d/%d stopped at step %d (%s); schedule %d steps", dist.rank, dist.world_size, run.step,
                 stop_reason, plan.total_steps)
 
-    if val is not None and dist.is_main:
+    if val is not None and dist.is_main and stop_reason != "interrupted":
         evaluate()
     save()
     distributed.barrier(dist.device)  # every rank returns once the final checkpoint is on disk
@@ -210,6 +211,10 @@ def _run(args: argparse.Namespace) -> int:
         distributed.cleanup()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary))
+    if summary["stop_reason"] == "interrupted":  # Ctrl-C: the run stopped after a whole step, saved
+        print(f"simsearch pretrain: interrupted at step {summary['step']}; checkpoint {out_dir / 'last.pt'} saved: "
+              f"run `simsearch pretrain {args.folder} --out {out_dir} --resume` to continue", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -153,6 +153,9 @@ def run_pretrain(images: Path, run_dir: Path, budget_s: float, progress: bool, i
         argv.append("--no-progress")
     with contextlib.redirect_stdout(io.StringIO()):  # its JSON summary: the line below says what matters
         rc = train.main(argv)
+    if rc == 130:  # Ctrl-C: the last whole step is saved, and the next run of the demo resumes it
+        print("simsearch demo: interrupted; run the same command again to go on training", file=sys.stderr)
+        raise SystemExit(130)
     if rc or not checkpoint.is_file():
         raise SystemExit(f"simsearch demo: pretraining failed (exit {rc})")
     s = json.loads((run_dir / "summary.json").read_text())

@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from pretrain.schedule import WarmupCosine
 from pretrain.step import SLOW_RANK_ENV, injected_delay
 from pretrain.stopping import StopPlan
 
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).parent / "data" / "cifar10-sample"
 TINY = ["--arch", "smallcnn", "--width", "0.25", "--image-size", "16", "--precision", "fp32", "--no-channels-last",
         "--no-progress", "--workers", "1"]
@@ -102,6 +106,36 @@ def test_streaming_path_skips_bad_files_and_trains(tmp_path):
     assert summary["step"] == 31 // 8
     assert 1 <= summary["skipped_files"] <= 6
     assert load_checkpoint(tmp_path / "s" / "last.pt")["step"] == summary["step"]
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_after_a_whole_step_with_a_checkpoint_and_resume_goes_on(tmp_path):
+    """Ctrl-C sent to the whole process group, as a terminal does (the streaming path's decoding
+    workers get it too): exit 130 with one line saying how to go on, a checkpoint of the step reached."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.train", str(SAMPLE / "train"), "--out", str(out), *TINY,
+           "--batch-size", "32", "--epochs", "50", "--log-every", "1", "--no-in-memory", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["stop_reason"] == "interrupted" and 1 <= summary["step"] < 50 * (1500 // 32)
+    said = [line for line in stderr.splitlines() if line.startswith("simsearch pretrain:")]
+    assert said == [f"simsearch pretrain: interrupted at step {summary['step']}; checkpoint {out / 'last.pt'} saved: "
+                    f"run `simsearch pretrain {SAMPLE / 'train'} --out {out} --resume` to continue"], stderr
+    assert "Traceback" not in stderr
+    assert load_checkpoint(out / "last.pt")["step"] == summary["step"]
+    resumed = subprocess.run([*cmd[:4], "--out", str(out), "--resume", "--stop-after-steps", str(summary["step"] + 2),
+                              "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == summary["step"] + 2
 
 
 def test_a_global_batch_the_processes_do_not_divide_names_the_nearest_that_work():

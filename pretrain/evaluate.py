@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,15 +108,9 @@ def save_features(path: str | Path, train: ImageFolderData, test: ImageFolderDat
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain.train import USER_ERRORS
+    from pretrain.train import run_command
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args)
-    except USER_ERRORS as e:
-        print(f"simsearch eval: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("eval", build_parser().parse_args(argv), _run)
 
 
 def _run(args: argparse.Namespace) -> int:

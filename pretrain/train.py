@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +169,18 @@ def run_summary(run: Run, stats: StepStats, *, stop_reason: str, train_seconds: 
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, CheckpointError, InitError, DataError, ConfigError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(command: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
+    """`run(args)` with the log set up, a `USER_ERRORS` said in one line on stderr (exit 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return _run(args)
+        return run(args)
     except USER_ERRORS as e:
-        print(f"simsearch pretrain: error: {e}", file=sys.stderr)
+        print(f"simsearch {command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("pretrain", build_parser().parse_args(argv), _run)
 
 
 def _run(args: argparse.Namespace) -> int:

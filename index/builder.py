@@ -50,6 +50,7 @@ from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
 from embed.embedder import Embedder, default_decode_workers, default_max_decode_workers
 from embed.spec import ModelSpec
 from index import identity, whitening
+from index.build_lock import exclusive_build
 from index.identity import IndexModelMismatch
 from index.records import IndexedFile
 from index.reembed import reembed_index
@@ -156,8 +157,15 @@ def build_index(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any]
     `vectors`: embeddings made elsewhere for this model (the builder never checks their model: the
     source must only answer with this model's vectors), used instead of reading and embedding.
     `on_disk`: the folder's listing (`scan_folder`) when the caller has just walked it, so the folder
-    is walked (and its skipped entries reported) once.
+    is walked (and its skipped entries reported) once. One build per index at a time: IndexBusy
+    while another process builds it (index/build_lock.py).
     """
+    with exclusive_build(cfg.out):
+        return _build(cfg, backend, model_source, vectors, on_disk)
+
+
+def _build(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | None, vectors: VectorSource | None,
+           on_disk: dict[str, FileStat] | None) -> dict[str, Any]:
     start = time.monotonic()
     spec = backend.spec
     root = Path(cfg.folder)

@@ -10,7 +10,8 @@ starts again. `index.sqlite` therefore exists only complete, as after the old re
 A brand-new directory is made with `mkdir` first (its parent must be writable, as for any
 `mkdir`) and then takes the same path: one way to create an index, whatever the directory is.
 Creators of one directory take a `flock` on it, and the link never replaces an `index.sqlite`
-another process made (a lost race is a FileExistsError, never a lost index).
+another process made (a lost race is a FileExistsError, never a lost index). The one file that
+may be there before the index is `index build`'s lock (index/build_lock.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from index.build_lock import BUILD_LOCK
 from index.schema import DB_FILE, init_db
 
 logger = logging.getLogger(__name__)
@@ -40,11 +42,12 @@ def create_in_place(directory: Path, meta: dict[str, Any]) -> None:
         if target.exists():
             raise FileExistsError(f"{directory} already holds an index ({DB_FILE})")
         names = [p.name for p in directory.iterdir()]
-        others = sorted(n for n in names if not n.startswith(TMP_PREFIX))
+        others = sorted(n for n in names if not n.startswith(TMP_PREFIX) and n != BUILD_LOCK)
         if others:
             raise FileExistsError(f"{directory} is not empty ({', '.join(others[:5])}): an index needs an empty directory")
         for name in names:  # a crashed create's files: nothing refers to them
-            (directory / name).unlink(missing_ok=True)
+            if name.startswith(TMP_PREFIX):
+                (directory / name).unlink(missing_ok=True)
         tmp = directory / f"{TMP_PREFIX}{secrets.token_hex(8)}.tmp"
         try:
             _write_db(tmp, meta)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embed.backends.base import Backend
+from index.build_lock import exclusive_build
 from index.builder import BuildConfig, build_index, open_index_for
 from index.ray_config import RayConfig
 from index.scan import FileStat, scan_folder
@@ -54,20 +55,27 @@ def default_shard_dir(index_dir: str | os.PathLike[str]) -> Path:
 def build_index_on_ray(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any],
                        ray_cfg: RayConfig) -> dict[str, Any]:
     """Bring the index at `cfg.out` up to date with `cfg.folder`, embedding on Ray; returns the
-    builder's summary with a "ray" section for the Ray stage."""
+    builder's summary with a "ray" section for the Ray stage. The build lock is held throughout
+    (index/build_lock.py): no other build adds the same files while the stage embeds them."""
     missing = [m for m in ("ray", "pyarrow") if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(f"--ray needs {', '.join(missing)}: pip install 'simsearch[ray]' (the `ray` extra)")
-    from index.ray_embed import embed_on_ray
-    from index.shards import ShardSet, shard_meta
-
-    start = time.monotonic()
     spec = backend.spec
     if not spec.fingerprint:
         raise ValueError(f"model {spec.name!r} v{spec.version} has no fingerprint (exported before fingerprints "
                          "existed): shards must name their model, so re-export it to use --ray")
     if cfg.reembed:
         raise ValueError("--ray does not re-embed an index of another model yet: run --reembed without --ray")
+    with exclusive_build(cfg.out):
+        return _build_on_ray(cfg, backend, model_source, ray_cfg)
+
+
+def _build_on_ray(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any], ray_cfg: RayConfig) -> dict[str, Any]:
+    from index.ray_embed import embed_on_ray
+    from index.shards import ShardSet, shard_meta
+
+    start = time.monotonic()
+    spec = backend.spec
     root = str(Path(cfg.folder).resolve())
     index, _ = open_index_for(cfg, spec)
     try:

@@ -246,6 +246,31 @@ def test_ctrl_c_stops_a_build_in_one_line_and_a_rerun_continues(tiny: Path, tmp_
     assert json.loads(summary.read_text())["embedded"] == 800 - len(kept)
 
 
+def test_a_second_build_of_one_index_stops_at_once_while_the_first_runs(tiny: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Two builds of one folder into one index would both add the files the index lacks: while one
+    process holds the build lock (here a stand-in that holds it and waits), a build is one line and
+    exit 2, and the index is left as it was; once the lock is free, the build runs. The lock file
+    may be there before the index is (it is taken first)."""
+    folder = _folder(tmp_path / "imgs", n_train=20)
+    out = tmp_path / "idx"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom index.build_lock import exclusive_build\n"
+         f"with exclusive_build({str(out)!r}):\n    print('held', flush=True)\n    sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["build", str(folder), "--model", str(tiny), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"simsearch index build: error: another `index build` is writing {out} (pid {holder.pid}): "
+                       "wait for it to finish, or stop it; what it commits is kept"]
+        assert not (out / "index.sqlite").exists()
+    finally:
+        holder.communicate("", timeout=30)
+    assert main(["build", str(folder), "--model", str(tiny), "--out", str(out), "--no-progress"]) == 0
+    assert len(_committed_rows(out)) == len(list(folder.rglob("*.jpg")))
+
+
 def test_decode_workers_flag_fixes_the_threads(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = _folder(tmp_path / "imgs")
     fixed = _build(folder, tmp_path / "fixed", tiny, tmp_path, "--decode-workers", "1")

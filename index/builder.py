@@ -170,7 +170,7 @@ def _build(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | No
     spec = backend.spec
     root = Path(cfg.folder)
     if on_disk is None:
-        on_disk = scan_folder(root, cfg.extensions)
+        on_disk = scan_folder(root, cfg.extensions, index_dir=cfg.out)
     embedder = Embedder(backend, batch_size=cfg.batch_size, decode_workers=cfg.decode_workers,
                         max_decode_workers=cfg.max_decode_workers, max_pixels=cfg.max_pixels)
     index, needs_reembed = open_index_for(cfg, spec)

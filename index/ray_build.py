@@ -84,7 +84,7 @@ def _build_on_ray(cfg: BuildConfig, backend: Backend, model_source: dict[str, An
         index.close()
     shard_dir = Path(ray_cfg.shard_dir) if ray_cfg.shard_dir else default_shard_dir(cfg.out)
     meta = shard_meta(spec, root, cfg.max_pixels)
-    on_disk = scan_folder(root, cfg.extensions)
+    on_disk = scan_folder(root, cfg.extensions, index_dir=cfg.out)
     shards = ShardSet.load(shard_dir, spec, root)
     todo: list[tuple[str, int, float]] = []
     in_index = in_shards = 0

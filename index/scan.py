@@ -37,14 +37,27 @@ class FileJob:
     error: OSError | None = None
 
 
-def scan_folder(root: str | os.PathLike[str], extensions: Iterable[str] = IMAGE_EXTENSIONS) -> dict[str, FileStat]:
-    """Every image file under `root` by the `embed.files` rules, sorted by relative path.
+def scan_folder(root: str | os.PathLike[str], extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                index_dir: str | os.PathLike[str] | None = None) -> dict[str, FileStat]:
+    """Every image file under `root` by the `embed.files` rules, sorted by relative path; none under
+    `index_dir` (the index being built, when it lies inside the folder: its uploads/ are items already).
 
     Raises NotADirectoryError (FileNotFoundError when missing) for a root that is not a folder;
     broken links and unreadable sub-folders are logged and left out.
     """
     listing = files.walk_images(root, extensions)
-    return {f.rel: FileStat(f.size, f.mtime) for f in listing.files}
+    inside = _relative_inside(Path(index_dir), Path(root)) if index_dir is not None else None
+    return {f.rel: FileStat(f.size, f.mtime) for f in listing.files
+            if inside is None or not f.rel.startswith(inside)}
+
+
+def _relative_inside(directory: Path, root: Path) -> str | None:
+    """`directory` as a '/'-ended path relative to `root`, or None when it is not below it."""
+    try:
+        rel = directory.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None
+    return rel.as_posix() + "/" if rel.parts else None
 
 
 def _read_and_hash(root: Path, job: FileJob) -> FileJob:

@@ -271,6 +271,19 @@ def test_a_second_build_of_one_index_stops_at_once_while_the_first_runs(tiny: Pa
     assert len(_committed_rows(out)) == len(list(folder.rglob("*.jpg")))
 
 
+def test_an_index_inside_its_folder_is_not_part_of_the_folder(tiny: Path, tmp_path: Path) -> None:
+    """`--out` below the folder: the index's own files (its uploads/, the server's copies of the
+    images it was sent) are never scanned as the folder's images."""
+    folder = _folder(tmp_path / "imgs")
+    n = len(list(folder.rglob("*.jpg")))
+    out = folder / "search-index"
+    assert _build(folder, out, tiny, tmp_path)["added"] == n
+    (out / "uploads").mkdir(exist_ok=True)
+    shutil.copy(DATA / "messy" / "flower.jpg", out / "uploads" / "0123abcd.jpg")  # as the server stores one
+    again = _build(folder, out, tiny, tmp_path)
+    assert again["scanned"] == n and again["added"] == 0 and again["skipped_duplicates"] == []
+
+
 def test_decode_workers_flag_fixes_the_threads(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = _folder(tmp_path / "imgs")
     fixed = _build(folder, tmp_path / "fixed", tiny, tmp_path, "--decode-workers", "1")

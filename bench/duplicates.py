@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from near_copies import TRANSFORMS  # noqa: E402
+from index.near_copies import TRANSFORMS  # noqa: E402
 
 from index.duplicates import find_duplicates  # noqa: E402
 from index.export import export_index  # noqa: E402

@@ -49,7 +49,7 @@ from embed.backends.base import Backend
 from embed.decode import DEFAULT_MAX_PIXELS, DecodeError
 from embed.embedder import Embedder, default_decode_workers, default_max_decode_workers
 from embed.spec import ModelSpec
-from index import identity, whitening
+from index import dup_calibration, identity, whitening
 from index.build_lock import exclusive_build
 from index.identity import IndexModelMismatch
 from index.records import IndexedFile
@@ -261,6 +261,9 @@ def _build(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | No
         index.commit()
         if cfg.retrain:
             summary["retrained"] = index.compact(retrain=True) is not None
+        levels = _measure_duplicate_levels(index, backend)
+        if levels is not None:
+            summary["duplicate_levels"] = {k: levels[k] for k in ("duplicate", "similar")}
         elapsed = time.monotonic() - start
         summary.update(count=len(index), elapsed_s=round(elapsed, 3),
                        images_per_s=round(summary["embedded"] / elapsed, 2) if elapsed > 0 else 0.0,
@@ -271,6 +274,23 @@ def _build(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | No
         raise
     finally:
         index.close()
+
+
+def _measure_duplicate_levels(index: ImageIndex, backend: Backend) -> dict[str, Any] | None:
+    """The index's duplicate thresholds measured on its model and folder (index/dup_calibration.py),
+    when it has none for this model yet or has grown past them; committed with the index."""
+    spec = backend.spec
+    if not spec.fingerprint or not index.meta.get("root") or \
+            not dup_calibration.levels_due(index.info(), spec.fingerprint, len(index)):
+        return None
+    measured = dup_calibration.measure_levels(index.directory, index.meta["root"], backend)
+    if measured is None:
+        return None
+    index.set_info(dup_levels=measured)
+    index.commit()
+    logger.info("duplicate levels measured on %d of the folder's images: %s (defaults %s)", measured["sample"],
+                {k: measured[k] for k in ("duplicate", "similar")}, measured["defaults"])
+    return measured
 
 
 class _Known:

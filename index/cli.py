@@ -35,7 +35,7 @@ from embed.preprocess import load_image_array
 from embed.spec import ModelDirError
 from index import identity
 from index.builder import BuildConfig, build_index, decode_threads, resolve_model_source
-from index.duplicates import LEVELS, find_duplicates, resolve_threshold
+from index.duplicates import LEVELS, find_duplicates
 from index.export import export_index
 from index.filters import ItemFilter, matching_ids, parse_where
 from index.ray_config import add_ray_arguments, ray_config_from_args
@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     level.add_argument("--threshold", type=float, default=None,
                        help="cosine similarity that makes two items copies (default: the --level's)")
     level.add_argument("--level", choices=sorted(LEVELS), default=None,
-                       help=f"a default threshold: {', '.join(f'{k} {v}' for k, v in sorted(LEVELS.items()))}; "
+                       help="the index's threshold for this level: measured by `index build` on the index's own "
+                       f"model and images, else the default ({', '.join(f'{k} {v}' for k, v in sorted(LEVELS.items()))}); "
                        "none given: duplicate")
     d.add_argument("--json", action="store_true", help="the whole report as JSON instead of a table")
     d.add_argument("--limit", type=int, default=50, help="groups shown in the table (JSON: all)")
@@ -230,13 +231,14 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_dups(args: argparse.Namespace) -> int:
-    threshold = resolve_threshold(args.threshold, args.level)
-    report = find_duplicates(args.index, threshold)
+    report = find_duplicates(args.index, args.threshold, args.level)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
+    levels = report.thresholds
+    measured = "" if levels == LEVELS else " measured on this index's model and images"
     print(f"{len(report.groups)} groups, {report.items_in_groups} of {report.count} items, "
-          f"cosine >= {threshold} (duplicate {LEVELS['duplicate']}, similar {LEVELS['similar']})")
+          f"cosine >= {report.threshold} (duplicate {levels['duplicate']}, similar {levels['similar']}{measured})")
     for n, group in enumerate(report.groups[: args.limit]):
         print(f"\ngroup {n + 1}: {group.kind}, {group.size} items, min score {group.min_score:.4f}")
         for m in group.items:

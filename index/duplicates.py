@@ -86,26 +86,37 @@ class DuplicateReport:
     generation: int
     count: int  # items in the index
     groups: list[Group]
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(LEVELS))  # the index's levels
 
     @property
     def items_in_groups(self) -> int:
         return sum(g.size for g in self.groups)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "thresholds": dict(LEVELS), "generation": self.generation,
+        return {"threshold": self.threshold, "thresholds": dict(self.thresholds), "generation": self.generation,
                 "count": self.count, "groups_total": len(self.groups), "items_in_groups": self.items_in_groups,
                 "groups": [{**asdict(g), "size": g.size} for g in self.groups]}
 
 
-def resolve_threshold(threshold: float | None = None, level: str | None = None) -> float:
-    """An explicit threshold, or the default of `level` ("duplicate" when neither is given)."""
+def levels_of(meta: dict[str, Any]) -> dict[str, float]:
+    """An index's levels (from its decoded meta): those `index build` measured on its own model and
+    images (index/dup_calibration.py) while that model is still the index's, else the defaults."""
+    kept = meta.get("info.dup_levels") or {}
+    if kept.get("fingerprint") and kept["fingerprint"] == meta.get("model_fingerprint"):
+        return {k: float(kept[k]) for k in LEVELS}
+    return dict(LEVELS)
+
+
+def resolve_threshold(threshold: float | None = None, level: str | None = None,
+                      levels: dict[str, float] = LEVELS) -> float:
+    """An explicit threshold, or the `levels` value of `level` ("duplicate" when neither is given)."""
     if threshold is not None and level is not None:
         raise ValueError("give a threshold or a level, not both")
     if threshold is None:
         level = level or "duplicate"
-        if level not in LEVELS:
-            raise ValueError(f"level {level!r} is not one of {sorted(LEVELS)}")
-        return LEVELS[level]
+        if level not in levels:
+            raise ValueError(f"level {level!r} is not one of {sorted(levels)}")
+        return levels[level]
     if not MIN_THRESHOLD <= threshold <= 1.0:
         raise ValueError(f"threshold must be between {MIN_THRESHOLD} and 1.0, got {threshold}")
     return float(threshold)
@@ -118,7 +129,7 @@ def _connect(directory: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None, timeout=60)
 
 
-def _vector_chunks(conn: sqlite3.Connection, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def vector_chunks(conn: sqlite3.Connection, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     cur = conn.execute("SELECT id, vector FROM items ORDER BY id")
     while rows := cur.fetchmany(_CHUNK):
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -139,7 +150,7 @@ def _pair_index(conn: sqlite3.Connection, ids: np.ndarray, dim: int) -> faiss.In
             vecs.append(np.frombuffer(b"".join(r[0] for r in rows), dtype="<f4").reshape(len(rows), dim))
         index = vi.train_ivf(np.concatenate(vecs))
         index.nprobe = IVF_NPROBE
-    for _, vecs in _vector_chunks(conn, dim):
+    for _, vecs in vector_chunks(conn, dim):
         index.add(np.ascontiguousarray(vecs, dtype=np.float32))
     return index
 
@@ -149,7 +160,7 @@ def find_pairs(conn: sqlite3.Connection, ids: np.ndarray, dim: int, threshold: f
     index = _pair_index(conn, ids, dim)
     pa, pb, ps = [], [], []
     start = 0
-    for _, vecs in _vector_chunks(conn, dim):
+    for _, vecs in vector_chunks(conn, dim):
         lims, scores, found = index.range_search(np.ascontiguousarray(vecs, dtype=np.float32), threshold - 1e-6)
         for q in range(len(vecs)):
             s, j = scores[lims[q] : lims[q + 1]], found[lims[q] : lims[q + 1]]
@@ -211,17 +222,20 @@ def centred_groups(a: np.ndarray, b: np.ndarray, s: np.ndarray, n: int, ids: np.
     return {k: m for k, m in groups.items() if len(m) > 1}
 
 
-def find_duplicates(directory: str | Path, threshold: float = DUPLICATE_THRESHOLD) -> DuplicateReport:
-    """Groups of copies among the committed items of the index in `directory` (read-only)."""
-    threshold = resolve_threshold(threshold)
+def find_duplicates(directory: str | Path, threshold: float | None = None, level: str | None = None) -> DuplicateReport:
+    """Groups of copies among the committed items of the index in `directory` (read-only), at
+    `threshold`, or at the index's value of `level` (`levels_of`; "duplicate" when neither is given)."""
+    resolve_threshold(threshold, level)  # a wrong argument fails before the index is read
     conn = _connect(Path(directory))
     try:
         conn.execute("BEGIN")  # one commit's rows throughout
         meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+        levels = levels_of(meta)
+        threshold = resolve_threshold(threshold, level, levels)
         dim, generation = int(meta["dim"]), int(meta["generation"])
         ids = np.fromiter((r[0] for r in conn.execute("SELECT id FROM items ORDER BY id")), dtype=np.int64)
         if not len(ids):
-            return DuplicateReport(threshold, generation, 0, [])
+            return DuplicateReport(threshold, generation, 0, [], levels)
         a, b, s = find_pairs(conn, ids, dim, threshold)
         ea, eb = _exact_pairs(conn, ids)
         a, b = np.concatenate([ea, a]), np.concatenate([eb, b])
@@ -242,10 +256,10 @@ def find_duplicates(directory: str | Path, threshold: float = DUPLICATE_THRESHOL
                  for i in order]
         cid = int(ids[centre])
         low = min(v for i, v in score.items() if i != cid)
-        kind = ("exact" if all(m.exact for m in items) else "duplicate" if low >= DUPLICATE_THRESHOLD else "similar")
+        kind = ("exact" if all(m.exact for m in items) else "duplicate" if low >= levels["duplicate"] else "similar")
         groups.append(Group(best, cid, kind, round(low, 6), items))
     groups.sort(key=lambda g: (-g.size, g.keeper))
-    return DuplicateReport(threshold, generation, len(ids), groups)
+    return DuplicateReport(threshold, generation, len(ids), groups, levels)
 
 
 def _records(conn: sqlite3.Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
@@ -266,21 +280,23 @@ class DuplicateCache:
     def __init__(self, entries: int = 4) -> None:
         self.entries = entries
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, int, float], DuplicateReport] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, float | None, str | None], DuplicateReport] = OrderedDict()
 
-    def report(self, directory: str | Path, threshold: float) -> DuplicateReport:
+    def report(self, directory: str | Path, threshold: float | None = None, level: str | None = None) -> DuplicateReport:
+        """`find_duplicates(directory, threshold, level)`, or the same report made earlier for this commit."""
         conn = _connect(Path(directory))
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         finally:
             conn.close()
-        key = (str(Path(directory).resolve()), int(json.loads(row[0])) if row else 0, float(threshold))
+        # the levels are the commit's (index meta): the same commit, the same levels
+        key = (str(Path(directory).resolve()), int(json.loads(row[0])) if row else 0, threshold, level)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            found = find_duplicates(directory, threshold)
-            self._cache[(key[0], found.generation, key[2])] = found
+            found = find_duplicates(directory, threshold, level)
+            self._cache[(key[0], found.generation, threshold, level)] = found
             while len(self._cache) > self.entries:
                 self._cache.popitem(last=False)
             return found

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (`index` says more for a build)
         print(f"simsearch {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `simsearch index dups ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     return int(result or 0)
 
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from browserkit import chrome, keep_screenshot, needs_chromium
 from fastapi.testclient import TestClient
-from near_copies import TRANSFORMS
 from serverkit import CIFAR_TEST, DATA
+from tinymodel import write_tiny_model_dir
 
 from index.cli import main as index_main
-from index.duplicates import LEVELS, centred_groups, find_duplicates
+from index.duplicates import LEVELS, centred_groups, find_duplicates, levels_of
+from index.near_copies import TRANSFORMS
 from index.store import ImageIndex
 from server.app import create_app
 from server.settings import Settings
@@ -191,6 +192,35 @@ def test_duplicates_api_pages_through_the_report(client: TestClient, index_copy:
     assert after["generation"] > body["generation"]
     assert not {m["id"] for m in first["items"][1:]} & {m["id"] for g in after["groups"] for m in g["items"]}
     assert client.get(f"/v1/items/{first['keeper']}").status_code == 200
+
+
+def test_an_index_whose_model_sees_all_pictures_alike_gets_its_own_levels(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A model that puts every picture close to every other (here one fixed direction added to all
+    vectors, as an under-trained encoder does): at the defaults most of the sample has a "duplicate".
+    `index build` measures the index's own levels (index/dup_calibration.py): raised above the
+    defaults, still finding ~90% of made copies, and `index dups` uses them; a later model's index
+    does not take them over. The trained model on its own images keeps the defaults
+    (test_index_dups_finds_the_copies)."""
+    model = write_tiny_model_dir(tmp_path / "alike", common=100.0)
+    out = tmp_path / "index"
+    assert index_main(["build", str(DATA / "cifar10-sample" / "test"), "--model", str(model), "--out", str(out),
+                       "--no-progress", "--summary", str(tmp_path / "build.json")]) == 0
+    levels = json.loads((tmp_path / "build.json").read_text())["duplicate_levels"]
+    assert levels["duplicate"] > LEVELS["duplicate"] and LEVELS["similar"] <= levels["similar"] <= levels["duplicate"]
+    with ImageIndex.open(out) as ix:
+        kept = ix.info()["dup_levels"]
+        meta = dict(ix.meta)
+    assert {k: kept[k] for k in LEVELS} == levels and kept["sample"] == 200 and kept["count"] == 500
+    assert kept["copies_found"]["duplicate"] >= 0.85  # raised no further than the made copies allow
+    assert levels_of(meta) == levels
+    assert levels_of({**meta, "model_fingerprint": "another model"}) == LEVELS
+    assert index_main(["dups", "--index", str(out), "--json"]) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert own["threshold"] == levels["duplicate"] and own["thresholds"] == levels
+    at_default = find_duplicates(out, LEVELS["duplicate"])
+    assert own["items_in_groups"] < at_default.items_in_groups
+    assert all(g["kind"] != "duplicate" or g["min_score"] >= levels["duplicate"] - 1e-6 for g in own["groups"])
 
 
 def test_grouping_is_centred_not_chained() -> None:

@@ -20,7 +20,9 @@ from embed.spec import MODEL_ONNX, ModelSpec
 
 
 def write_tiny_model_dir(directory: Path, *, size: int = 32, dim: int = 32, seed: int = 0,
-                         name: str = "tiny", version: int = 1) -> Path:
+                         name: str = "tiny", version: int = 1, common: float = 0.0) -> Path:
+    """`common` > 0 adds that much of one fixed direction to every vector before the l2 norm: all
+    pictures then look alike to it, as to an encoder trained for too short a time."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -37,6 +39,7 @@ def write_tiny_model_dir(directory: Path, *, size: int = 32, dim: int = 32, seed
         numpy_helper.from_array(rng.standard_normal((channels, 3, stride, stride)).astype(np.float32), "w"),
         numpy_helper.from_array(np.array([-1, cells], np.int64), "flat"),
         numpy_helper.from_array(rng.standard_normal((cells, dim)).astype(np.float32) / np.sqrt(cells), "proj"),
+        numpy_helper.from_array(np.full((1, dim), common / np.sqrt(dim), np.float32), "common"),
     ]
     nodes = [
         helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
@@ -47,7 +50,8 @@ def write_tiny_model_dir(directory: Path, *, size: int = 32, dim: int = 32, seed
         helper.make_node("Conv", ["x", "w"], ["c"], strides=[stride, stride], kernel_shape=[stride, stride]),
         helper.make_node("Relu", ["c"], ["r"]),
         helper.make_node("Reshape", ["r", "flat"], ["v"]),
-        helper.make_node("MatMul", ["v", "proj"], ["e"]),
+        helper.make_node("MatMul", ["v", "proj"], ["e0"]),
+        helper.make_node("Add", ["e0", "common"], ["e"]),
         helper.make_node("LpNormalization", ["e"], ["embeddings"], p=2, axis=1),
     ]
     graph = helper.make_graph(

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from index.duplicates import LEVELS, MIN_THRESHOLD, DuplicateCache, resolve_threshold
+from index.duplicates import LEVELS, MIN_THRESHOLD, DuplicateCache
 from server.errors import ERROR_RESPONSES, ApiError
 from server.items_view import thumbnail_url
 from server.routes.page import STATIC_DIR
@@ -31,8 +31,9 @@ _reports = DuplicateCache()
     "/v1/duplicates",
     response_model=DuplicatesResponse,
     summary="Groups of exact and near-duplicate items",
-    description="Items whose vectors have a cosine similarity >= the threshold (the `level`'s default, "
-    f"duplicate {LEVELS['duplicate']} or similar {LEVELS['similar']}, or an explicit `threshold`), grouped "
+    description="Items whose vectors have a cosine similarity >= the threshold (the `level`'s: measured by "
+    "`index build` on the index's own model and images, else the defaults, "
+    f"duplicate {LEVELS['duplicate']} or similar {LEVELS['similar']}; or an explicit `threshold`), grouped "
     "around a centre (every member is a copy of it); `keeper`, listed first, is the file proposed to keep "
     "(most pixels, then largest, then oldest). Items with the "
     "same bytes (sha256) are always grouped. Largest groups first; `offset`/`limit` page through them.",
@@ -46,8 +47,7 @@ async def duplicates(
 ) -> DuplicatesResponse:
     if threshold is not None and level is not None:
         raise ApiError(422, "invalid_request", "give a threshold or a level, not both")
-    t = resolve_threshold(threshold, level)
-    report = await run_in_threadpool(_reports.report, res.index.directory, t)
+    report = await run_in_threadpool(_reports.report, res.index.directory, threshold, level)
     page = report.groups[offset : offset + limit]
     groups = [
         DuplicateGroup(keeper=g.keeper, centre=g.centre, kind=g.kind, size=g.size, min_score=g.min_score, items=[
@@ -57,7 +57,7 @@ async def duplicates(
     ]
     more = offset + limit < len(report.groups)
     return DuplicatesResponse(
-        threshold=report.threshold, thresholds=dict(LEVELS), generation=report.generation, count=report.count,
+        threshold=report.threshold, thresholds=report.thresholds, generation=report.generation, count=report.count,
         groups_total=len(report.groups), items_in_groups=report.items_in_groups, offset=offset, limit=limit,
         next_offset=offset + limit if more else None, groups=groups,
     )

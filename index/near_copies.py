@@ -1,5 +1,6 @@
-"""Near-duplicate copies of an image, the kinds a collection accumulates: for the duplicate tests and
-bench/duplicates.py (which imports this file), so the two measure the same thing.
+"""Near-duplicate copies of an image, the kinds a collection accumulates: what an index's duplicate
+thresholds are calibrated on (index/dup_calibration.py), and what the duplicate tests and
+bench/duplicates.py measure, so the three agree.
 
 Each transform takes the original file's bytes and returns the copy's bytes and its extension:
 resized to half, re-encoded as JPEG quality 40, cropped by 10% of each side (5% off every edge),

@@ -41,10 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from index.near_copies import TRANSFORMS  # noqa: E402
-
 from index.duplicates import find_duplicates  # noqa: E402
 from index.export import export_index  # noqa: E402
+from index.near_copies import TRANSFORMS  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 MODEL = REPO / "tests" / "data" / "models" / "cifar10-smallcnn2"

@@ -239,6 +239,8 @@ def _cmd_dups(args: argparse.Namespace) -> int:
     measured = "" if levels == LEVELS else " measured on this index's model and images"
     print(f"{len(report.groups)} groups, {report.items_in_groups} of {report.count} items, "
           f"cosine >= {report.threshold} (duplicate {levels['duplicate']}, similar {levels['similar']}{measured})")
+    if report.caution:
+        print(f"note: {report.caution}")
     for n, group in enumerate(report.groups[: args.limit]):
         print(f"\ngroup {n + 1}: {group.kind}, {group.size} items, min score {group.min_score:.4f}")
         for m in group.items:

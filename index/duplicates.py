@@ -49,6 +49,7 @@ DUPLICATE_THRESHOLD = 0.975  # bench/duplicates.py: the lowest threshold with pa
 SIMILAR_THRESHOLD = 0.955  # bench/duplicates.py: the highest threshold with pair recall >= 0.99
 LEVELS = {"duplicate": DUPLICATE_THRESHOLD, "similar": SIMILAR_THRESHOLD}
 MIN_THRESHOLD = 0.5
+CAUTION_SHARE = 0.15  # sampled pictures with a different picture above the duplicate level
 MAX_NEIGHBOURS = 64
 EXACT_MAX = vi.FLAT_MAX_VECTORS
 IVF_NPROBE = 16
@@ -87,13 +88,15 @@ class DuplicateReport:
     count: int  # items in the index
     groups: list[Group]
     thresholds: dict[str, float] = field(default_factory=lambda: dict(LEVELS))  # the index's levels
+    caution: str | None = None  # `caution_of`: the model tells copies from other pictures poorly
 
     @property
     def items_in_groups(self) -> int:
         return sum(g.size for g in self.groups)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "thresholds": dict(self.thresholds), "generation": self.generation,
+        return {"threshold": self.threshold, "thresholds": dict(self.thresholds), "caution": self.caution,
+                "generation": self.generation,
                 "count": self.count, "groups_total": len(self.groups), "items_in_groups": self.items_in_groups,
                 "groups": [{**asdict(g), "size": g.size} for g in self.groups]}
 
@@ -105,6 +108,17 @@ def levels_of(meta: dict[str, Any]) -> dict[str, float]:
     if kept.get("fingerprint") and kept["fingerprint"] == meta.get("model_fingerprint"):
         return {k: float(kept[k]) for k in LEVELS}
     return dict(LEVELS)
+
+
+def caution_of(meta: dict[str, Any]) -> str | None:
+    """A warning when the index's measured levels say its model puts many pictures as close to a
+    different picture as their copies land (`CAUTION_SHARE` of the sample or more at `duplicate`)."""
+    kept = meta.get("info.dup_levels") or {}
+    share = float((kept.get("pictures_with_a_neighbour_above") or {}).get("duplicate", 0.0))
+    if not kept.get("fingerprint") or kept["fingerprint"] != meta.get("model_fingerprint") or share < CAUTION_SHARE:
+        return None
+    return (f"this index's model puts {share:.0%} of its pictures as close to a different picture as a copy of "
+            "them lands: review a group before deleting; a longer pretraining tells them apart better")
 
 
 def resolve_threshold(threshold: float | None = None, level: str | None = None,
@@ -230,12 +244,12 @@ def find_duplicates(directory: str | Path, threshold: float | None = None, level
     try:
         conn.execute("BEGIN")  # one commit's rows throughout
         meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
-        levels = levels_of(meta)
+        levels, caution = levels_of(meta), caution_of(meta)
         threshold = resolve_threshold(threshold, level, levels)
         dim, generation = int(meta["dim"]), int(meta["generation"])
         ids = np.fromiter((r[0] for r in conn.execute("SELECT id FROM items ORDER BY id")), dtype=np.int64)
         if not len(ids):
-            return DuplicateReport(threshold, generation, 0, [], levels)
+            return DuplicateReport(threshold, generation, 0, [], levels, caution)
         a, b, s = find_pairs(conn, ids, dim, threshold)
         ea, eb = _exact_pairs(conn, ids)
         a, b = np.concatenate([ea, a]), np.concatenate([eb, b])
@@ -259,7 +273,7 @@ def find_duplicates(directory: str | Path, threshold: float | None = None, level
         kind = ("exact" if all(m.exact for m in items) else "duplicate" if low >= levels["duplicate"] else "similar")
         groups.append(Group(best, cid, kind, round(low, 6), items))
     groups.sort(key=lambda g: (-g.size, g.keeper))
-    return DuplicateReport(threshold, generation, len(ids), groups, levels)
+    return DuplicateReport(threshold, generation, len(ids), groups, levels, caution)
 
 
 def _records(conn: sqlite3.Connection, ids: list[int]) -> dict[int, dict[str, Any]]:

@@ -166,7 +166,10 @@ class DuplicateGroup(BaseModel):
 
 class DuplicatesResponse(BaseModel):
     threshold: float = Field(description="the cosine similarity this report groups by")
-    thresholds: dict[str, float] = Field(description="the default of each level: duplicate, similar")
+    thresholds: dict[str, float] = Field(description="the index's value of each level, duplicate and similar: "
+                                         "measured by `index build` on its model and images, else the defaults")
+    caution: str | None = Field(None, description="set when the index's model puts many pictures as close to "
+                                "a different picture as a copy of them lands: review before deleting")
     generation: int = Field(description="the index commit the report is from")
     count: int = Field(description="items in the index")
     groups_total: int

@@ -117,6 +117,7 @@ def test_index_dups_finds_the_copies(index_copy: Path, collection: tuple[Path, P
     assert index_main(["dups", "--index", str(index_copy), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["threshold"] == LEVELS["duplicate"] and report["thresholds"] == LEVELS
+    assert report["caution"] is None  # a trained model on its own kind of pictures
     check_groups(report["groups"], sha_owner, exact_expected=len(CIFAR_TEST) // EXACT_EVERY)
     for g in report["groups"]:
         assert g["items"][0]["id"] == g["keeper"] and g["size"] == len(g["items"]) >= 2
@@ -218,6 +219,11 @@ def test_an_index_whose_model_sees_all_pictures_alike_gets_its_own_levels(tmp_pa
     assert index_main(["dups", "--index", str(out), "--json"]) == 0
     own = json.loads(capsys.readouterr().out)
     assert own["threshold"] == levels["duplicate"] and own["thresholds"] == levels
+    # most of these pictures have a different one as close as their copies: said, for whoever deletes
+    assert kept["pictures_with_a_neighbour_above"]["duplicate"] >= 0.15
+    assert own["caution"] and f"{kept['pictures_with_a_neighbour_above']['duplicate']:.0%}" in own["caution"]
+    assert index_main(["dups", "--index", str(out)]) == 0
+    assert f"note: {own['caution']}" in capsys.readouterr().out
     at_default = find_duplicates(out, LEVELS["duplicate"])
     assert own["items_in_groups"] < at_default.items_in_groups
     assert all(g["kind"] != "duplicate" or g["min_score"] >= levels["duplicate"] - 1e-6 for g in own["groups"])

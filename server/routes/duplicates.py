@@ -57,7 +57,8 @@ async def duplicates(
     ]
     more = offset + limit < len(report.groups)
     return DuplicatesResponse(
-        threshold=report.threshold, thresholds=report.thresholds, generation=report.generation, count=report.count,
+        threshold=report.threshold, thresholds=report.thresholds, caution=report.caution,
+        generation=report.generation, count=report.count,
         groups_total=len(report.groups), items_in_groups=report.items_in_groups, offset=offset, limit=limit,
         next_offset=offset + limit if more else None, groups=groups,
     )

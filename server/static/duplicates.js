@@ -118,7 +118,7 @@ async function load(offset) {
     more.hidden = nextOffset === null;
     $("summary").textContent = `${body.groups_total} groups · ${body.items_in_groups} of ${body.count} items · `
       + `cosine ≥ ${body.threshold} (duplicate ${body.thresholds.duplicate}, similar ${body.thresholds.similar})`;
-    say(body.groups_total ? "" : "no duplicates at this threshold");
+    say(body.groups_total ? (body.caution ? `note: ${body.caution}` : "") : "no duplicates at this threshold");
   } catch (e) {
     say(`request failed: ${e}`, true);
   }

@@ -36,6 +36,8 @@ def exclusive_build(directory: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the build lock of the index at `directory` (made if missing) inside; IndexBusy when
     another process holds it."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise IndexDirError(f"{directory} is a file, not an index directory")
     directory.mkdir(parents=True, exist_ok=True)
     key = str(directory.resolve())
     if key in _held:

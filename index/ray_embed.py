@@ -207,6 +207,8 @@ def embed_on_ray(files: list[tuple[str, int, float]], *, root: str, shard_dir: s
                        decode="actors" if plan.decode_in_actors else "tasks")
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
+        if not progress:  # the builder's own bar counts the files: Ray's notice that its bars are off is not news
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         ctx.print_on_execution_start = False
         # A block goes to one task or actor whole: at least four per actor, so that a small run
         # still spreads over every actor. from_items builds the blocks here (from_arrow would run

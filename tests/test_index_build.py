@@ -284,6 +284,15 @@ def test_an_index_inside_its_folder_is_not_part_of_the_folder(tiny: Path, tmp_pa
     assert again["scanned"] == n and again["added"] == 0 and again["skipped_duplicates"] == []
 
 
+def test_an_out_that_is_a_file_is_one_line(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _folder(tmp_path / "imgs")
+    (tmp_path / "notes.txt").write_text("not an index")
+    assert main(["build", str(folder), "--model", str(tiny), "--out", str(tmp_path / "notes.txt"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"simsearch index build: error: {tmp_path / 'notes.txt'} is a file, not an index directory"]
+    assert (tmp_path / "notes.txt").read_text() == "not an index"
+
+
 def test_decode_workers_flag_fixes_the_threads(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = _folder(tmp_path / "imgs")
     fixed = _build(folder, tmp_path / "fixed", tiny, tmp_path, "--decode-workers", "1")

@@ -261,7 +261,7 @@ def _build(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | No
         index.commit()
         if cfg.retrain:
             summary["retrained"] = index.compact(retrain=True) is not None
-        levels = _measure_duplicate_levels(index, backend)
+        levels = dup_calibration.measure_and_keep(index, backend)
         if levels is not None:
             summary["duplicate_levels"] = {k: levels[k] for k in ("duplicate", "similar")}
         elapsed = time.monotonic() - start
@@ -274,23 +274,6 @@ def _build(cfg: BuildConfig, backend: Backend, model_source: dict[str, Any] | No
         raise
     finally:
         index.close()
-
-
-def _measure_duplicate_levels(index: ImageIndex, backend: Backend) -> dict[str, Any] | None:
-    """The index's duplicate thresholds measured on its model and folder (index/dup_calibration.py),
-    when it has none for this model yet or has grown past them; committed with the index."""
-    spec = backend.spec
-    if not spec.fingerprint or not index.meta.get("root") or \
-            not dup_calibration.levels_due(index.info(), spec.fingerprint, len(index)):
-        return None
-    measured = dup_calibration.measure_levels(index.directory, index.meta["root"], backend)
-    if measured is None:
-        return None
-    index.set_info(dup_levels=measured)
-    index.commit()
-    logger.info("duplicate levels measured on %d of the folder's images: %s (defaults %s)", measured["sample"],
-                {k: measured[k] for k in ("duplicate", "similar")}, measured["defaults"])
-    return measured
 
 
 class _Known:

@@ -40,6 +40,7 @@ from embed.preprocess import ResizeRule, load_image_array
 from index.duplicates import DUPLICATE_THRESHOLD, LEVELS, SIMILAR_THRESHOLD, vector_chunks
 from index.near_copies import TRANSFORMS, crop10, flip, half, jpeg40
 from index.schema import DB_FILE
+from index.store import ImageIndex
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +127,20 @@ def measure_levels(directory: str | Path, root: str | Path, backend: Backend, *,
             "copies_found": {k: round(float(np.mean(positives >= v)), 3) for k, v in levels.items()},
             "pictures_with_a_neighbour_above": {k: round(float(np.mean(neighbours_arr >= v)), 3)
                                                 for k, v in levels.items()}}
+
+
+def measure_and_keep(index: ImageIndex, backend: Backend) -> dict[str, Any] | None:
+    """The index's duplicate thresholds measured on its model and folder (`measure_levels`),
+    when it has none for this model yet or has grown past them; committed with the index."""
+    spec = backend.spec
+    if not spec.fingerprint or not index.meta.get("root") or \
+            not levels_due(index.info(), spec.fingerprint, len(index)):
+        return None
+    measured = measure_levels(index.directory, index.meta["root"], backend)
+    if measured is None:
+        return None
+    index.set_info(dup_levels=measured)
+    index.commit()
+    logger.info("duplicate levels measured on %d of the folder's images: %s (defaults %s)", measured["sample"],
+                {k: measured[k] for k in ("duplicate", "similar")}, measured["defaults"])
+    return measured
